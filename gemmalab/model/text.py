@@ -1,0 +1,245 @@
+"""The Gemma 3 (and Gemma 2) text decoder: modules only, no file I/O, tokenizer or sampling.
+
+Spec ../shared/spec/gemma3.md 1.2-1.6. Parameter names are those of transformers' Gemma3TextModel
+(without the `model.` prefix) so that checkpoints map one to one. Norm weights hold w with a gain of
+(1 + w), as in transformers; the GGUF loader subtracts the +1 that llama.cpp's converter folded in.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, Gemma3Config
+from .cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in fp32 then cast back (transformers PR 29402)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scale: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, D) for NeoX-style (half-split) rotation; angles in fp32.
+
+    Linear scaling (positional interpolation) divides the frequencies by `scale`; Gemma 3 applies it
+    on global layers only (spec 1.4; vllm PR 29111 is the bug of applying it to local layers).
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (theta ** (exponent / head_dim)) / scale  # (D/2,)
+    angles = positions.clamp(min=0).float()[..., None] * inv_freq  # (B, T, D/2); padding -> pos 0
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, S): True where query position q may see key position k.
+
+    Causal: 0 <= k <= q. Sliding window: also k > q - W, so exactly W keys including the query itself.
+    A row that sees nothing (a padding query) is opened to all keys so softmax stays finite; its
+    output is never read by real tokens because padding keys are invisible to them.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= k > q - window
+    visible |= ~visible.any(-1, keepdim=True)
+    return visible[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_type: str):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.is_global = layer_type == FULL
+        self.scaling = c.query_pre_attn_scalar ** -0.5  # 27B: 168^-1/2, not head_dim^-1/2 (spec 1.1)
+        self.softcap = c.attn_logit_softcapping
+        self.q_proj = nn.Linear(c.hidden_size, c.q_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.kv_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.kv_dim, bias=False)
+        self.o_proj = nn.Linear(c.q_dim, c.hidden_size, bias=False)
+        if c.use_qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, rope, mask, layer_cache=None, write=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            k, v = write(layer_cache, k, v)
+        y = self._attend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask):
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+        # Gemma 2 soft-caps the scores before the mask, which SDPA cannot do (transformers PR 32865).
+        groups = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        s = (q @ k.transpose(-1, -2)) * self.scaling
+        s = torch.tanh(s / self.softcap) * self.softcap
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return p @ v
+
+
+class MLP(nn.Module):
+    """GeGLU with tanh-approximated GELU on the gate branch; no biases."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_type: str):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.layer_type = layer_type
+        self.self_attn = Attention(config, layer_type)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, rope, mask, layer_cache=None, write=None):
+        x = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), rope, mask, layer_cache, write))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    """Decoder-only Gemma 3 / Gemma 2 text model with tied embeddings."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, dtype or w.dtype, w.device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        # sqrt(d) rounded to the weight dtype first, like every reference (spec 1.5; HF PR 37109).
+        return self.embed_tokens(input_ids) * torch.tensor(math.sqrt(self.config.hidden_size),
+                                                           dtype=w.dtype, device=w.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with last_only.
+
+        positions: (B, T) absolute positions, -1 marks padding (left-padded batches). Defaults to
+        consecutive positions continuing the cache. With a cache, the tokens are appended to it.
+        """
+        h = self.hidden_states(input_ids, positions, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = h @ self.embed_tokens.weight.t()  # tied, unscaled embedding table
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def hidden_states(self, input_ids, positions=None, cache=None) -> torch.Tensor:
+        c = self.config
+        B, T = input_ids.shape
+        start = cache.step if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)  # (B, T, d)
+        rope_local = rope_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, x.dtype)
+        rope_global = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, x.dtype)
+        write = None
+        if cache is None:
+            mask_global = visibility_mask(positions, positions, None)
+            mask_local = visibility_mask(positions, positions, c.sliding_window)
+        else:
+            mask_global, mask_local, write = self._prepare_cache(cache, positions)
+        for i, layer in enumerate(self.layers):
+            is_global = layer.layer_type == FULL
+            x = layer(x, rope_global if is_global else rope_local,
+                      mask_global if is_global else mask_local,
+                      cache.layers[i] if cache is not None else None, write)
+        return self.norm(x)
+
+    def _prepare_cache(self, cache: KVCache, positions: torch.Tensor):
+        """Record the new positions, build both masks once, and return the per-layer write function.
+
+        Global layers write the chunk at slots [s0, s1) and attend over slots [0, s1).
+        Local layers (ring of R slots): a single token is written first, then attends over the ring,
+        whose W slots now hold exactly the window. A longer chunk attends over [ring before the
+        write, chunk] so that no key it needs is overwritten, then its last min(T, R) keys go in.
+        """
+        T = positions.shape[1]
+        s0, s1 = cache.step, cache.step + T
+        if s1 > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} positions; cannot append {T} tokens "
+                             f"after {s0}")
+        W, R = self.config.sliding_window, cache.ring_pos.shape[1]
+        cache.full_pos[:, s0:s1] = positions
+        mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None)
+        keep = min(T, R)
+        ring_slots = torch.arange(s1 - keep, s1, device=positions.device) % R
+        if T == 1:
+            cache.ring_pos[:, ring_slots] = positions
+            mask_local = visibility_mask(positions, cache.ring_pos, W)
+        else:
+            mask_local = visibility_mask(positions, torch.cat([cache.ring_pos, positions], 1), W)
+            cache.ring_pos[:, ring_slots] = positions[:, T - keep:]
+        cache.step = s1
+
+        def write(layer_cache, k, v):
+            if not layer_cache.ring:
+                layer_cache.k[:, :, s0:s1] = k
+                layer_cache.v[:, :, s0:s1] = v
+                return layer_cache.k[:, :, :s1], layer_cache.v[:, :, :s1]
+            if T == 1:
+                layer_cache.k.index_copy_(2, ring_slots, k)
+                layer_cache.v.index_copy_(2, ring_slots, v)
+                return layer_cache.k, layer_cache.v
+            k_all = torch.cat([layer_cache.k, k], dim=2)
+            v_all = torch.cat([layer_cache.v, v], dim=2)
+            layer_cache.k.index_copy_(2, ring_slots, k[:, :, T - keep:])
+            layer_cache.v.index_copy_(2, ring_slots, v[:, :, T - keep:])
+            return k_all, v_all
+
+        return mask_global, mask_local, write

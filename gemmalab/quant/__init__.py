@@ -1,0 +1,1 @@
+"""Quantized-weight support: GGUF block dequantization (see `gguf_blocks`)."""
