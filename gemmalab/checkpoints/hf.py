@@ -165,3 +165,16 @@ def _weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     raise CheckpointError(f"{path} has no model.safetensors nor model.safetensors.index.json")
+
+
+def tensor_dtypes(path: str | Path) -> dict[str, str]:
+    """Text-model tensor name -> safetensors dtype, read from the file headers only."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in _weight_files(Path(path)):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if hf_to_ours(key) is not None:
+                    out[key] = st.get_slice(key).get_dtype()
+    return out

@@ -1,0 +1,247 @@
+"""`gemmalab` command line: a thin front over the library.
+
+gemmalab generate "prompt"      stream a continuation to stdout
+gemmalab chat                   interactive multi-turn chat (/reset clears, Ctrl-D exits)
+gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache bytes
+
+Errors a user can cause (wrong path, corrupt file, prompt too long, bad flag values) print one line
+`gemmalab: error: ...` and exit with status 2 (usage) or 1 (everything else), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ((lo < value if lo_open else lo <= value) and value <= hi):
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {text}")
+        return value
+    return parse
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=_nonneg_int, default=max_new)
+    p.add_argument("--temperature", "-t", type=_float_in(0.0, 100.0), default=1.0,
+                   help="0 = greedy (default 1.0, Gemma's recommended setting)")
+    p.add_argument("--top-k", type=_nonneg_int, default=64, help="0 disables (default 64)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=0.95)
+    p.add_argument("--seed", type=_int, default=None, help="make sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemmalab", description="Run Gemma 3 models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
+    g.add_argument("prompt", help="prompt text ('-' reads stdin)")
+    _add_model(g)
+    _add_sampling(g, 128)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_model(c)
+    _add_sampling(c, 512)
+    c.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
+
+    i = sub.add_parser("info", help="config, parameter counts, tensor types, KV-cache bytes")
+    _add_model(i)
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                stop=args.stop)
+
+
+def cmd_generate(args) -> int:
+    from . import load
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    lm = load(args.model)
+    ids = (lm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat
+           else lm.tokenizer.encode(prompt))
+    stats: dict = {}
+    for piece in lm.stream(ids, args.max_new_tokens, stats=stats, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats and stats:
+        print(f"[{stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_s']:.2f}s, "
+              f"{stats['new_tokens']} new tokens at {stats['decode_tok_s']:.1f} tok/s, "
+              f"load {lm.load_seconds:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from . import load
+
+    lm = load(args.model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"gemmalab chat with {lm.path.name}. /reset starts over, Ctrl-D exits.")
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    system = list(messages)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            messages = list(system)
+            print("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in lm.stream(lm.tokenizer.encode_chat(messages), args.max_new_tokens,
+                                   **_sampling(args)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, keeps the conversation
+            pass
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            messages.pop()
+            print(f"gemmalab: error: {e} (use /reset)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def model_info(path: str | None) -> dict:
+    """What `gemmalab info` shows; reads metadata and headers only, never dequantizes."""
+    from ._paths import default_model_path
+    from .checkpoints import gguf as gguf_ckpt
+    from .checkpoints import hf as hf_ckpt
+    from .checkpoints.errors import CheckpointError
+
+    p = Path(path).expanduser() if path else default_model_path()
+    if not p.exists():
+        raise CheckpointError(f"no such file or directory: {p}")
+    if p.is_dir():
+        config = hf_ckpt.config_from_hf(json.loads((p / "config.json").read_text()), p.name) \
+            if (p / "config.json").is_file() else None
+        if config is None:
+            raise CheckpointError(f"{p} has no config.json")
+        types = Counter(hf_ckpt.tensor_dtypes(p).values())
+    elif gguf_ckpt.is_gguf(p):
+        reader = gguf_ckpt.open_gguf(p)
+        config = gguf_ckpt.config_from_gguf(reader, p.stem)
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+    else:
+        raise CheckpointError(f"{p} is neither a GGUF file nor a Hugging Face model directory")
+    kv = {}
+    for ctx in (8192, 32768, 131072):
+        hybrid, full = config.kv_cache_bytes(ctx, 2), config.kv_cache_bytes(ctx, 2, hybrid=False)
+        kv[ctx] = dict(hybrid=hybrid, all_global=full, ratio=hybrid / full,
+                       beyond_context=ctx > config.max_position_embeddings)
+    return dict(path=str(p), config=config, tensor_types=dict(types), kv_cache_bf16=kv,
+                parameters=dict(embedding=config.embedding_parameters,
+                                non_embedding=config.non_embedding_parameters))
+
+
+def cmd_info(args) -> int:
+    import dataclasses
+
+    info = model_info(args.model)
+    c = info["config"]
+    if args.json:
+        out = dict(info, config=dataclasses.asdict(c))
+        print(json.dumps(out, indent=2))
+        return 0
+    par = info["parameters"]
+    print(f"model      {info['path']}")
+    print(f"family     {c.family}: {c.num_hidden_layers} layers ({c.num_local_layers} local / "
+          f"{c.num_global_layers} global), d_model {c.hidden_size}, ffn {c.intermediate_size}")
+    print(f"attention  {c.num_attention_heads} q heads, {c.num_key_value_heads} kv heads, head_dim "
+          f"{c.head_dim}, window {c.sliding_window}, query scalar {c.query_pre_attn_scalar}")
+    print(f"rope       local theta {c.rope_local_base_freq:g}, global theta {c.rope_theta:g}, "
+          f"global linear factor {c.rope_scaling_factor:g}")
+    print(f"context    {c.max_position_embeddings} tokens, vocab {c.vocab_size}")
+    if c.attn_logit_softcapping or c.final_logit_softcapping:
+        print(f"softcap    attention {c.attn_logit_softcapping}, final {c.final_logit_softcapping}")
+    print(f"parameters {par['embedding'] + par['non_embedding']:,} ({par['embedding']:,} embedding"
+          f" + {par['non_embedding']:,} non-embedding)")
+    print("tensors    " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
+    print("KV cache (bf16, one sequence):   hybrid     all-global   ratio")
+    for ctx, row in info["kv_cache_bf16"].items():
+        note = "  (beyond the model context)" if row["beyond_context"] else ""
+        print(f"  {ctx // 1024:>4}K tokens            {_human(row['hybrid']):>10}  "
+              f"{_human(row['all_global']):>10}   {row['ratio']:.3f}{note}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoints.errors import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"gemmalab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `gemmalab generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+# Offline always: tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    """The embedded Gemma 3 270M GGUF (assembled from the PyPI chunk packages on first use)."""
+    from gemmalab._paths import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def lm(model_path):
+    """Our fp32 load of the real 270M, shared by the tests that need it."""
+    import gemmalab
+    return gemmalab.load(model_path)
