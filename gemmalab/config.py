@@ -7,7 +7,6 @@ transformers config so that a reader can cross-check (`sliding_window`, `layer_t
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 SLIDING = "sliding_attention"  # local layer: a query sees exactly W keys, itself included (q - W < k <= q)

@@ -10,6 +10,7 @@ All integers little-endian; strings are u64 length + UTF-8 bytes.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
+            if not os.fstat(f.fileno()).st_size:
+                raise CheckpointError(f"{self.path} is empty, not a GGUF file")
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.size = len(self._mm)
         try:
