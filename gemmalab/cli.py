@@ -168,23 +168,18 @@ def model_info(path: str | None) -> dict:
     from ._paths import default_model_path
     from .checkpoints import gguf as gguf_ckpt
     from .checkpoints import hf as hf_ckpt
-    from .checkpoints.errors import CheckpointError
+    from .checkpoints import CheckpointError, checkpoint_kind
 
     p = Path(path).expanduser() if path else default_model_path()
-    if not p.exists():
-        raise CheckpointError(f"no such file or directory: {p}")
-    if p.is_dir():
-        config = hf_ckpt.config_from_hf(json.loads((p / "config.json").read_text()), p.name) \
-            if (p / "config.json").is_file() else None
-        if config is None:
-            raise CheckpointError(f"{p} has no config.json")
+    if checkpoint_kind(p) == "hf":
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{p} has no config.json; a Hugging Face model directory needs one")
+        config = hf_ckpt.config_from_hf(json.loads((p / "config.json").read_text()), p.name)
         types = Counter(hf_ckpt.tensor_dtypes(p).values())
-    elif gguf_ckpt.is_gguf(p):
+    else:
         reader = gguf_ckpt.open_gguf(p)
         config = gguf_ckpt.config_from_gguf(reader, p.stem)
-        types = Counter(t.tensor_type.name for t in reader.tensors)
-    else:
-        raise CheckpointError(f"{p} is neither a GGUF file nor a Hugging Face model directory")
+        types = Counter(t.type_name for t in reader.tensors)
     kv = {}
     for ctx in (8192, 32768, 131072):
         hybrid, full = config.kv_cache_bytes(ctx, 2), config.kv_cache_bytes(ctx, 2, hybrid=False)

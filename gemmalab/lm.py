@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoints.errors import CheckpointError
+from .checkpoints import CheckpointError, checkpoint_kind
 from .config import Gemma3Config
 from .generate import GenerationResult, SamplingParams, StopStrings, generate_steps
 from .model import Gemma3
@@ -33,19 +33,14 @@ def load(path: str | Path | None = None, *, dtype: torch.dtype | None = None,
     if dtype == torch.float16:
         raise ValueError("fp16 is not supported: Gemma 3 activations overflow it; use bf16 or fp32")
     path = Path(path).expanduser() if path is not None else default_model_path()
-    if not path.exists():
-        raise CheckpointError(f"no such file or directory: {path}")
-    if path.is_dir():
+    if checkpoint_kind(path) == "hf":
         config, tensors = hf_ckpt.read_hf_dir(path)
         tokenizer = Tokenizer.from_hf_dir(path)
-    elif gguf_ckpt.is_gguf(path):
+    else:
         reader = gguf_ckpt.open_gguf(path)
         config = gguf_ckpt.config_from_gguf(reader, name=path.stem)
         tensors = gguf_ckpt.read_tensors(reader, path, dtype=dtype)
         tokenizer = Tokenizer.from_gguf(reader)
-    else:
-        raise CheckpointError(f"{path} is neither a GGUF file nor a Hugging Face model directory "
-                              "(config.json + *.safetensors)")
     model = build_model(config, tensors, dtype, device, source=path)
     return LM(model, tokenizer, path=path, load_seconds=time.perf_counter() - t0)
 
