@@ -139,6 +139,8 @@ def test_gguf_unsupported_tensor_type(tmp_path):
     reader = gguf_ckpt.open_gguf(path)
     with pytest.raises(CheckpointError, match="IQ2_XXS"):
         gguf_ckpt.read_tensors(reader, path)
+    with pytest.raises(CheckpointError, match="lacks GGUF metadata gemma3.embedding_length"):
+        gguf_ckpt.config_from_gguf(reader)
 
 
 def test_gguf_norms_hold_the_plus_one(model_path):

@@ -63,6 +63,12 @@ def open_gguf(path: str | Path) -> GGUFFile:
 def config_from_gguf(reader, name: str = "gguf") -> Gemma3Config:
     arch = reader.get("general.architecture")
     get = lambda key, default=None: reader.get(f"{arch}.{key}", default)  # noqa: E731
+    required = ["block_count", "embedding_length", "attention.head_count", "feed_forward_length",
+                "context_length", "attention.sliding_window"]
+    missing = [f"{arch}.{k}" for k in required if get(k) is None]
+    if missing:
+        raise CheckpointError(f"{reader.path} lacks GGUF metadata {', '.join(missing)}; "
+                              "was it written by llama.cpp's converter?")
     layers, d, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", d // heads)
     try:
