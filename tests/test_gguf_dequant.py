@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType  # noqa: E402
 from gguf.quants import dequantize as reference_dequantize  # noqa: E402
 

@@ -50,10 +50,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                    segments: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, S): True where query position q may see key position k.
 
     Causal: 0 <= k <= q. Sliding window: also k > q - W, so exactly W keys including the query itself.
+    `segments` (B, T), for packed training sequences without a cache: a query sees only keys of its
+    own document (positions restart at 0 in each document).
     A row that sees nothing (a padding query) is opened to all keys so softmax stays finite; its
     output is never read by real tokens because padding keys are invisible to them.
     """
@@ -61,6 +64,8 @@ def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None
     visible = (k >= 0) & (k <= q)
     if window is not None:
         visible &= k > q - window
+    if segments is not None:
+        visible &= segments[:, :, None] == segments[:, None, :]
     visible |= ~visible.any(-1, keepdim=True)
     return visible[:, None]
 
@@ -161,13 +166,16 @@ class Gemma3(nn.Module):
                                                            dtype=w.dtype, device=w.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only.
 
         positions: (B, T) absolute positions, -1 marks padding (left-padded batches). Defaults to
         consecutive positions continuing the cache. With a cache, the tokens are appended to it.
+        segment_ids: (B, T) document ids of packed sequences (no cache): attention stays within a
+        document; give positions restarting at 0 for each document.
         """
-        h = self.hidden_states(input_ids, positions, cache)
+        h = self.hidden_states(input_ids, positions, cache, segment_ids)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
@@ -179,7 +187,8 @@ class Gemma3(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def hidden_states(self, input_ids, positions=None, cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, positions=None, cache=None, segment_ids=None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d): what the LM head (or a chunked loss) consumes."""
         c = self.config
         B, T = input_ids.shape
         start = cache.step if cache is not None else 0
@@ -190,9 +199,11 @@ class Gemma3(nn.Module):
         rope_global = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, x.dtype)
         write = None
         if cache is None:
-            mask_global = visibility_mask(positions, positions, None)
-            mask_local = visibility_mask(positions, positions, c.sliding_window)
+            mask_global = visibility_mask(positions, positions, None, segment_ids)
+            mask_local = visibility_mask(positions, positions, c.sliding_window, segment_ids)
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) are for cache-free forward passes")
             mask_global, mask_local, write = self._prepare_cache(cache, positions)
         for i, layer in enumerate(self.layers):
             is_global = layer.layer_type == FULL
