@@ -1,0 +1,174 @@
+"""Training configuration: dataclasses filled from a TOML or YAML file plus `section.key=value` overrides.
+
+Unknown sections or keys are errors that list the valid names, so a typo never silently trains with
+a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used as written."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # GGUF or HF directory; None = the embedded 270M (unless preset is set)
+    preset: str | None = None  # random init from a named preset (tests, from-scratch runs)
+    tokenizer: str | None = None  # tokenizer source for a preset model (GGUF file or HF directory)
+    dtype: str = "float32"  # parameter dtype; "bfloat16" autocast applies on GPU
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # JSONL / Parquet files, directories or globs
+    seq_len: int = 1024
+    batch_size: int = 8  # sequences per micro-batch
+    shuffle_buffer: int = 10_000
+    train_on: str = "model"  # "model": loss on model turns only; "all"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/sft"
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    threads: int = 0  # CPU threads; 0 = torch's default
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("YAML configs need PyYAML: pip install pyyaml (or use TOML)") from None
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ConfigError(f"{path}: use a .toml, .yaml or .json config file")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`section.key=value` (value parsed as JSON when possible) onto a nested dict."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = _parse_value(value)
+    return raw
+
+
+def build_config(raw: dict, cls=SFTConfig):
+    """Fill the dataclasses, refusing unknown names and values of the wrong type."""
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(sections)}")
+    kwargs = {}
+    for name, f in sections.items():
+        sub_cls = f.default_factory().__class__
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table of keys")
+        valid = {g.name: g for g in dataclasses.fields(sub_cls)}
+        bad = set(values) - set(valid)
+        if bad:
+            raise ConfigError(f"unknown key(s) {sorted(bad)} in [{name}]; valid: {sorted(valid)}")
+        default = sub_cls()
+        for key, value in values.items():
+            _check_type(f"{name}.{key}", getattr(default, key), value)
+        kwargs[name] = sub_cls(**{k: tuple(v) if isinstance(getattr(default, k), tuple) else v
+                                  for k, v in values.items()})
+    return cls(**kwargs)
+
+
+def _check_type(name: str, default: Any, value: Any) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            ok = value.is_integer()
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> SFTConfig:
+    raw = read_config_file(path) if path else {}
+    cfg = build_config(apply_overrides(raw, list(overrides)))
+    if not cfg.data.train:
+        raise ConfigError("data.train lists no training files")
+    return cfg
