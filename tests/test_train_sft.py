@@ -144,3 +144,37 @@ def test_config_errors_list_valid_names(tmp_path):
     assert isinstance(cfg, SFTConfig)
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(toml, ["steps=3"])
+
+
+def test_torchrun_two_processes_match_one(setup, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) follows the loss trajectory of 1 process, same global batch."""
+    root, tok, data = setup
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        raw = raw_config(root, tok, data, out, steps=8, run__keep_checkpoints=10)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={n}", str(script), json.dumps(raw), "0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        results[n] = ([r["loss"] for r in rows], weights(out))
+    (loss1, w1), (loss2, w2) = results[1], results[2]
+    assert len(loss1) == len(loss2) == 8
+    torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=1e-5, atol=1e-6)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+    # a checkpoint written by 2 processes resumes in 1 process onto the same trajectory
+    import shutil
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "w2", resumed)
+    (resumed / "checkpoints" / "latest").write_text("step-000004")
+    raw = raw_config(root, tok, data, resumed, steps=8, run__keep_checkpoints=10)
+    assert run(raw, resume=True).wait(timeout=600) == 0
+    w3 = weights(resumed)
+    for k in w1:
+        torch.testing.assert_close(w3[k], w2[k], rtol=1e-4, atol=1e-5)

@@ -10,8 +10,10 @@ of one big batch however the tokens fall into micro-batches.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -92,6 +94,30 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class LossModule(torch.nn.Module):
+    """The model with its loss as `forward`, the shape DistributedDataParallel wraps."""
+
+    def __init__(self, model: Gemma3):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, normalizer: float) -> torch.Tensor:
+        return micro_batch_loss(self.model, batch, normalizer)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def micro_batch_loss(model: Gemma3, batch: dict, normalizer: float) -> torch.Tensor:
     h = model.hidden_states(batch["input_ids"], batch["positions"],
                             segment_ids=batch["segment_ids"])
@@ -104,14 +130,19 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     """Run (or resume) an SFT job; return the last logged metrics."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    rank, world = setup_distributed()
     device = pick_device(cfg.run.device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} (sequences per micro-batch, all "
+                         f"processes together) must be divisible by the {world} processes")
     out = Path(cfg.run.out_dir)
     model, tokenizer = build_model_and_tokenizer(cfg, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     data = PackedDataset(cfg.data.train, tokenizer, cfg.data.seq_len,
-                         cfg.data.batch_size * world, seed=cfg.run.seed,
+                         cfg.data.batch_size, seed=cfg.run.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, train_on=cfg.data.train_on)
     step, tokens_seen = 0, 0
     if resume and ckpt.latest(out) is not None:
@@ -121,6 +152,11 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics_log = ckpt.MetricsLog(out / "metrics.jsonl", truncate_after=step) if rank == 0 else None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        step_module = DistributedDataParallel(LossModule(model))
+    else:
+        step_module = LossModule(model)
 
     batches = iter(data)
     bar = _progress(cfg.run.steps, step, progress and rank == 0)
@@ -134,9 +170,11 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
             dist.all_reduce(n_targets)
         normalizer = max(1.0, n_targets.item()) / world  # DDP averages gradients over processes
         loss_sum = torch.zeros((), device=device)
-        for b in micro:
-            loss = micro_batch_loss(model, b, normalizer)
-            loss.backward()
+        for i, b in enumerate(micro):
+            sync = world == 1 or i == len(micro) - 1  # all-reduce gradients once per step
+            with contextlib.nullcontext() if sync else step_module.no_sync():
+                loss = step_module(b, normalizer)
+                loss.backward()
             loss_sum += loss.detach() / world
         if world > 1:
             dist.all_reduce(loss_sum)
@@ -164,12 +202,15 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                       dict(tokens_seen=tokens_seen), keep=cfg.run.keep_checkpoints)
     if bar:
         bar.close()
+    if world > 1:
+        dist.barrier()
     return last
 
 
 def _shard(batch: dict, rank: int, world: int, device: torch.device) -> dict:
-    """This process's rows of a global batch (the data stream is identical on every process)."""
-    return {k: v[rank::world].to(device) for k, v in batch.items()}
+    """This process's rows of a global micro-batch (every process reads the same data stream)."""
+    n = batch["input_ids"].shape[0] // world
+    return {k: v[rank * n:(rank + 1) * n].to(device) for k, v in batch.items()}
 
 
 def _progress(total: int, start: int, enabled: bool):
