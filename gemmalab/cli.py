@@ -3,6 +3,8 @@
 gemmalab generate "prompt"      stream a continuation to stdout
 gemmalab chat                   interactive multi-turn chat (/reset clears, Ctrl-D exits)
 gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache bytes
+gemmalab train sft CONFIG       fine-tune (TOML/YAML config, section.key=value overrides, --resume)
+gemmalab plot RUN_DIR           PNG curves of a training run
 
 Errors a user can cause (wrong path, corrupt file, prompt too long, bad flag values) print one line
 `gemmalab: error: ...` and exit with status 2 (usage) or 1 (everything else), never a traceback.
@@ -84,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="config, parameter counts, tensor types, KV-cache bytes")
     _add_model(i)
     i.add_argument("--json", action="store_true", help="print JSON")
+
+    t = sub.add_parser("train", help="train a model (recipes: sft)")
+    recipes = t.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+    sft = recipes.add_parser("sft", help="supervised fine-tuning (full or LoRA)",
+                             description="Fields of CONFIG (TOML/YAML) can be overridden as "
+                                         "section.key=value, e.g. optim.lr=1e-4 run.steps=100.")
+    sft.add_argument("config", help="TOML or YAML config file")
+    sft.add_argument("overrides", nargs="*", help="section.key=value")
+    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plot", help="write PNG curves of a training run")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
     return parser
 
 
@@ -221,12 +237,31 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.config import load_config
+    from .train.sft import train_sft
+
+    cfg = load_config(args.config, args.overrides)
+    last = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
+    if last:
+        print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {cfg.run.out_dir}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoints.errors import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
+               "plot": cmd_plot}[args.command]
     try:
         return handler(args)
     except (CheckpointError, ValueError, OSError) as e:

@@ -178,3 +178,49 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     w3 = weights(resumed)
     for k in w1:
         torch.testing.assert_close(w3[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_train_resume_and_plot(setup, tmp_path):
+    """`gemmalab train sft CONFIG overrides`, `--resume`, `gemmalab plot`, TensorBoard and CSV."""
+    root, tok, data = setup
+    out = tmp_path / "cli"
+    cfg = tmp_path / "sft.toml"
+    cfg.write_text(f"""
+[model]
+preset = "tiny"
+tokenizer = "{tok}"
+[data]
+train = ["{data}"]
+seq_len = 48
+batch_size = 2
+[optim]
+lr = 3e-3
+[run]
+out_dir = "{out}"
+steps = 6
+save_every = 3
+log_every = 1
+threads = 1
+""")
+    cli = [sys.executable, "-m", "gemmalab"]
+    proc = subprocess.run(cli + ["train", "sft", str(cfg), "run.steps=4", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    proc = subprocess.run(cli + ["train", "sft", str(cfg), "--resume"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "step 6: loss" in proc.stdout
+    assert "6/6" in proc.stderr  # the progress bar resumed at 4 and finished
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and [r.split(",")[0] for r in rows[1:]] == \
+        [str(i) for i in range(1, 7)]
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    proc = subprocess.run(cli + ["plot", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    png = out / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run(cli + ["train", "sft", str(cfg), "optim.lrate=1"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "unknown key(s) ['lrate'] in [optim]" in bad.stderr
+    assert "Traceback" not in bad.stderr

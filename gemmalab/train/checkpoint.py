@@ -102,15 +102,46 @@ def load(path: Path, model, optimizer, scheduler, data) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per logged step; a resumed run drops rows past its step."""
+    """metrics.jsonl and metrics.csv (one row per logged step) plus TensorBoard events in tb/.
+
+    A resumed run first drops rows past its step, so the files always describe one trajectory.
+    TensorBoard is written when the `tensorboard` package is installed (pip install gemmalab[train]).
+    """
+
+    FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s")
 
     def __init__(self, path: Path, truncate_after: int | None = None):
         self.path = Path(path)
-        if truncate_after is not None and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= truncate_after]
-            write_atomic(self.path, "".join(r + "\n" for r in rows).encode())
+        self.csv = self.path.with_suffix(".csv")
+        rows = []
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            if truncate_after is not None:
+                rows = [r for r in rows if r["step"] <= truncate_after]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        write_atomic(self.csv, "".join(self._csv_line(r) for r in [None] + rows).encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.path.parent / "tb"), purge_step=(truncate_after or 0) + 1)
+        except ImportError:
+            self.tb = None
+
+    def _csv_line(self, row: dict | None) -> str:
+        if row is None:
+            return ",".join(self.FIELDS) + "\n"
+        return ",".join(repr(row.get(k, "")) for k in self.FIELDS) + "\n"
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a") as f:
+            f.write(self._csv_line(row))
+        if self.tb is not None:
+            for key in self.FIELDS[1:]:
+                if key in row:
+                    self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

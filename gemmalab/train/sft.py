@@ -202,6 +202,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                       dict(tokens_seen=tokens_seen), keep=cfg.run.keep_checkpoints)
     if bar:
         bar.close()
+    if metrics_log:
+        metrics_log.close()
     if world > 1:
         dist.barrier()
     return last
