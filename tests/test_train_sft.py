@@ -224,3 +224,19 @@ threads = 1
                          text=True, timeout=120)
     assert bad.returncode == 1 and "unknown key(s) ['lrate'] in [optim]" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_activation_checkpointing_gives_the_same_gradients(setup):
+    from gemmalab.config import get_config
+    from gemmalab.model import Gemma3
+    torch.manual_seed(0)
+    model = Gemma3(get_config("tiny")).train()
+    ids = torch.randint(0, 512, (2, 30))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)

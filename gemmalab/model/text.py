@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import FULL, Gemma3Config
@@ -154,6 +155,7 @@ class Gemma3(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False  # training option: recompute blocks in backward
 
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         w = self.embed_tokens.weight
@@ -207,9 +209,13 @@ class Gemma3(nn.Module):
             mask_global, mask_local, write = self._prepare_cache(cache, positions)
         for i, layer in enumerate(self.layers):
             is_global = layer.layer_type == FULL
-            x = layer(x, rope_global if is_global else rope_local,
-                      mask_global if is_global else mask_local,
-                      cache.layers[i] if cache is not None else None, write)
+            args = (x, rope_global if is_global else rope_local,
+                    mask_global if is_global else mask_local)
+            if self.activation_checkpointing and self.training and cache is None:
+                # keep only each block's input; recompute its activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args, cache.layers[i] if cache is not None else None, write)
         return self.norm(x)
 
     def _prepare_cache(self, cache: KVCache, positions: torch.Tensor):

@@ -21,7 +21,8 @@ class ModelConfig:
     path: str | None = None  # GGUF or HF directory; None = the embedded 270M (unless preset is set)
     preset: str | None = None  # random init from a named preset (tests, from-scratch runs)
     tokenizer: str | None = None  # tokenizer source for a preset model (GGUF file or HF directory)
-    dtype: str = "float32"  # parameter dtype; "bfloat16" autocast applies on GPU
+    dtype: str = "float32"  # parameter (master weight) dtype
+    autocast: str = "auto"  # "auto": bf16 autocast on GPU, none on CPU (no fast bf16); "bfloat16"; "none"
     activation_checkpointing: bool = False
 
 

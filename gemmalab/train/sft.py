@@ -51,6 +51,7 @@ def build_model_and_tokenizer(cfg: SFTConfig, device: torch.device):
         lm = load(cfg.model.path, dtype=dtype, device=device)
         model, tokenizer = lm.model, lm.tokenizer
     model.train().requires_grad_(True)
+    model.activation_checkpointing = cfg.model.activation_checkpointing
     if cfg.lora.rank:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     return model, tokenizer
@@ -95,14 +96,32 @@ def pick_device(name: str) -> torch.device:
 
 
 class LossModule(torch.nn.Module):
-    """The model with its loss as `forward`, the shape DistributedDataParallel wraps."""
+    """The model with its loss as `forward`, the shape DistributedDataParallel wraps.
 
-    def __init__(self, model: Gemma3):
+    Under autocast the blocks run in bf16 while the chunked loss computes in fp32 (it upcasts).
+    """
+
+    def __init__(self, model: Gemma3, autocast_dtype: torch.dtype | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.autocast_dtype = model, autocast_dtype
 
     def forward(self, batch: dict, normalizer: float) -> torch.Tensor:
-        return micro_batch_loss(self.model, batch, normalizer)
+        if self.autocast_dtype is None:
+            return micro_batch_loss(self.model, batch, normalizer)
+        device_type = batch["input_ids"].device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype):
+            return micro_batch_loss(self.model, batch, normalizer)
+
+
+def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+    choice = cfg.model.autocast
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if choice == "none":
+        return None
+    if choice != "bfloat16":
+        raise ValueError(f"model.autocast must be 'auto', 'bfloat16' or 'none', got {choice!r}")
+    return torch.bfloat16
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -154,9 +173,9 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     metrics_log = ckpt.MetricsLog(out / "metrics.jsonl", truncate_after=step) if rank == 0 else None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        step_module = DistributedDataParallel(LossModule(model))
+        step_module = DistributedDataParallel(LossModule(model, autocast_dtype(cfg, device)))
     else:
-        step_module = LossModule(model)
+        step_module = LossModule(model, autocast_dtype(cfg, device))
 
     batches = iter(data)
     bar = _progress(cfg.run.steps, step, progress and rank == 0)
