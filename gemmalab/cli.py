@@ -3,6 +3,8 @@
 gemmalab generate "prompt"      stream a continuation to stdout
 gemmalab chat                   interactive multi-turn chat (/reset clears, Ctrl-D exits)
 gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache bytes
+gemmalab export SRC --to {hf,gguf} OUT [--dtype D] [--overwrite]
+                                write a model as a Hugging Face directory or a GGUF file
 gemmalab train sft CONFIG       fine-tune (TOML/YAML config, section.key=value overrides, --resume)
 gemmalab plot RUN_DIR           PNG curves of a training run
 
@@ -86,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="config, parameter counts, tensor types, KV-cache bytes")
     _add_model(i)
     i.add_argument("--json", action="store_true", help="print JSON")
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
+    e.add_argument("src", metavar="SRC", help="GGUF file or Hugging Face directory")
+    e.add_argument("--to", required=True, choices=["hf", "gguf"], help="output format")
+    e.add_argument("out", metavar="OUT", help="output directory (hf) or .gguf file (gguf)")
+    e.add_argument("--dtype", default=None,
+                   help="hf: fp32 or bf16 (default fp32); gguf: f32, f16 or q8_0 (default f16)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     t = sub.add_parser("train", help="train a model (recipes: sft)")
     recipes = t.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
@@ -255,13 +265,39 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import time
+
+    import torch
+
+    from . import load
+    from .checkpoints.export import GGUF_DTYPES, HF_DTYPES, save_gguf, save_hf
+
+    if args.to == "hf" and args.dtype is not None and args.dtype.lower() not in HF_DTYPES:
+        raise ValueError(f"--dtype {args.dtype} is not a Hugging Face dtype; use fp32 or bf16")
+    if args.to == "gguf" and args.dtype is not None and args.dtype not in GGUF_DTYPES:
+        raise ValueError(f"--dtype {args.dtype} is not a GGUF dtype; use {', '.join(GGUF_DTYPES)}")
+    t0 = time.perf_counter()
+    bf16 = args.to == "hf" and args.dtype is not None and HF_DTYPES[args.dtype.lower()] == torch.bfloat16
+    lm = load(args.src, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if args.to == "hf":
+        out = save_hf(lm.model, lm.tokenizer, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        size = sum(f.stat().st_size for f in out.iterdir())
+    else:
+        out = save_gguf(lm.model, lm.tokenizer, args.out, dtype=args.dtype or "f16",
+                        overwrite=args.overwrite)
+        size = out.stat().st_size
+    print(f"wrote {out} ({_human(size)}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoints.errors import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
-               "plot": cmd_plot}[args.command]
+               "plot": cmd_plot, "export": cmd_export}[args.command]
     try:
         return handler(args)
     except (CheckpointError, ValueError, OSError) as e:
