@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import gemmalab
@@ -46,3 +45,7 @@ def test_lora_on_the_real_270m_lowers_loss_and_merges(tmp_path):
     merged = lm.logits(ids)
     assert (merged - with_adapter).abs().max() <= 1e-3
     assert (with_adapter - base).abs().max() > 0.1  # the adapter really changed the model
+    from gemmalab.checkpoints.export import save_hf
+    save_hf(lm.model, lm.tokenizer, tmp_path / "merged")  # the exported merged model
+    exported = gemmalab.load(tmp_path / "merged").logits(ids)
+    assert (exported - with_adapter).abs().max() <= 1e-3
