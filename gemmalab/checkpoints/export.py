@@ -31,42 +31,10 @@ import torch
 
 from ..config import Gemma3Config
 from .gguf import _LAYER_NAMES, _TOP_NAMES, config_from_gguf
+from ..tokenizer import CHAT_TEMPLATE
 from .hf import config_to_hf
 
 __all__ = ["save_hf", "save_gguf", "ours_to_gguf", "HF_DTYPES", "GGUF_DTYPES", "CHAT_TEMPLATE"]
-
-# The Gemma 3 chat template, verbatim from spec 4.3 ([HFconv] `_CHAT_TEMPLATE`, the hub's tokenizer_config).
-CHAT_TEMPLATE = r"""{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}{%- set role = "model" -%}
-    {%- else -%}{%- set role = message['role'] -%}{%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}
-        {%- endfor -%}
-    {%- else -%}{{ raise_exception("Invalid content type") }}{%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}
-"""
 
 HF_DTYPES = {"fp32": torch.float32, "f32": torch.float32, "float32": torch.float32,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
