@@ -85,8 +85,11 @@ def make_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.AdamW:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                             eps=cfg.optim.eps)
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    try:  # the fused kernel is ~6x faster than the for-loop one on CPU (docs/training.md)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # dtype/device combinations without a fused kernel
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def pick_device(name: str) -> torch.device:
