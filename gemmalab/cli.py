@@ -54,9 +54,16 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
     return parse
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M)")
+    if mode:
+        p.add_argument("--mode", default="auto", choices=["auto", "fp32", "native", "q8"],
+                       help="auto (default): the fastest mode that keeps fp32 quality (native on "
+                            "AVX2 CPUs); fp32: exact reference; native: the file's quantized "
+                            "blocks; q8: every matrix in Q8_0")
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="CPU threads (default: the cores this process may use)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -75,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
     g.add_argument("prompt", help="prompt text ('-' reads stdin)")
-    _add_model(g)
+    _add_model(g, mode=True)
     _add_sampling(g, 128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--lookup", type=_nonneg_int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding with up to K draft tokens per step "
+                        "(same output; faster when the answer repeats the prompt); 0 = off")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
 
     c = sub.add_parser("chat", help="interactive multi-turn chat")
-    _add_model(c)
+    _add_model(c, mode=True)
     _add_sampling(c, 512)
     c.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
 
@@ -119,28 +129,36 @@ def _sampling(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from . import load
-
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    lm = load(args.model)
+    lm = _load(args)
     ids = (lm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat
            else lm.tokenizer.encode(prompt))
     stats: dict = {}
-    for piece in lm.stream(ids, args.max_new_tokens, stats=stats, **_sampling(args)):
+    for piece in lm.stream(ids, args.max_new_tokens, stats=stats, lookup=args.lookup,
+                           **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats and stats:
-        print(f"[{stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_s']:.2f}s, "
-              f"{stats['new_tokens']} new tokens at {stats['decode_tok_s']:.1f} tok/s, "
-              f"load {lm.load_seconds:.2f}s]", file=sys.stderr)
+        extra = (f", lookup accepted {stats['accepted']}/{stats['drafted']} drafts"
+                 if "drafted" in stats else "")
+        print(f"[{lm.mode} mode, {stats['prompt_tokens']} prompt tokens, prefill "
+              f"{stats['prefill_s']:.2f}s, {stats['new_tokens']} new tokens at "
+              f"{stats['decode_tok_s']:.1f} tok/s{extra}, load {lm.load_seconds:.2f}s]", file=sys.stderr)
     return 0
 
 
-def cmd_chat(args) -> int:
-    from . import load
+def _load(args):
+    import torch
 
-    lm = load(args.model)
+    from . import load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, mode=args.mode)
+
+
+def cmd_chat(args) -> int:
+    lm = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"gemmalab chat with {lm.path.name}. /reset starts over, Ctrl-D exits.")
@@ -279,7 +297,7 @@ def cmd_export(args) -> int:
         raise ValueError(f"--dtype {args.dtype} is not a GGUF dtype; use {', '.join(GGUF_DTYPES)}")
     t0 = time.perf_counter()
     bf16 = args.to == "hf" and args.dtype is not None and HF_DTYPES[args.dtype.lower()] == torch.bfloat16
-    lm = load(args.src, dtype=torch.bfloat16 if bf16 else torch.float32)
+    lm = load(args.src, mode="fp32", dtype=torch.bfloat16 if bf16 else torch.float32)
     if args.to == "hf":
         out = save_hf(lm.model, lm.tokenizer, args.out, dtype=args.dtype, overwrite=args.overwrite)
         size = sum(f.stat().st_size for f in out.iterdir())
@@ -293,6 +311,7 @@ def cmd_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoints.errors import CheckpointError
+    from .quant.kernels import KernelsUnavailable
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -300,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                "plot": cmd_plot, "export": cmd_export}[args.command]
     try:
         return handler(args)
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, KernelsUnavailable) as e:
         print(f"gemmalab: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

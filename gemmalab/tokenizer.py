@@ -31,7 +31,6 @@ import codecs
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -95,9 +94,12 @@ def _sentencepiece_proto(pieces: Sequence[str], types: Sequence[int], unk_id: in
     ns.escape_whitespaces = True  # " " -> "▁"
     # Every added token is cut out of the text before SentencePiece sees it, so SentencePiece must never
     # match one itself: USER_DEFINED pieces become CONTROL (never matched in text).
-    sp_types = bytes(CONTROL if t == USER_DEFINED else t for t in types)
+    sp_types = bytes(types).translate(bytes(CONTROL if t == USER_DEFINED else t for t in range(256)))
     # Merge order = vocabulary order (lower id first), as in the reference: score -id for NORMAL pieces.
-    scores = struct.pack(f"<{len(pieces)}f", *[-float(i) if t == NORMAL else 0.0 for i, t in enumerate(sp_types)])
+    import numpy as np
+    kinds = np.frombuffer(sp_types, np.uint8)
+    scores = np.where(kinds == NORMAL, -np.arange(len(pieces), dtype=np.float32), np.float32(0))
+    scores = scores.astype("<f4").tobytes()
     blob = _pieces_blob_numpy(pieces, sp_types, scores)
     if blob is None:
         blob = _pieces_blob(pieces, sp_types, scores)

@@ -20,4 +20,4 @@ def model_path():
 def lm(model_path):
     """Our fp32 load of the real 270M, shared by the tests that need it."""
     import gemmalab
-    return gemmalab.load(model_path)
+    return gemmalab.load(model_path, mode="fp32")

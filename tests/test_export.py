@@ -178,7 +178,7 @@ def test_hf_export_tiny(tmp_path, tiny_tok, name):
     with torch.no_grad():
         assert (ref(torch.tensor([ids])).logits[0] - ours).abs().max() <= 1e-4
 
-    back = gemmalab.load(out)
+    back = gemmalab.load(out, mode="fp32")
     assert back.config == model.config.replace(name="out")
     assert torch.equal(back.logits(ids), ours)
     auto = transformers.AutoTokenizer.from_pretrained(out)
@@ -202,7 +202,7 @@ def test_hf_export_bf16(tmp_path, tiny_tok):
         keys = set(f.keys())
         assert {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
     assert keys == {f"model.{k}" for k in model.state_dict()}  # tied: no lm_head
-    back = gemmalab.load(out, dtype=torch.bfloat16)
+    back = gemmalab.load(out, dtype=torch.bfloat16, mode="fp32")
     for k, v in model.state_dict().items():
         assert torch.equal(back.model.state_dict()[k], v.bfloat16()), k
     with pytest.raises(ValueError, match="fp32 or bf16"):
@@ -229,7 +229,7 @@ def test_gguf_export_tiny(tmp_path, tiny_tok, gguf_tiny_models, kind, dtype):
     model = gguf_tiny_models[kind]
     path = save_gguf(model, tiny_tok, tmp_path / "m.gguf", dtype)
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
-    back = gemmalab.load(path)
+    back = gemmalab.load(path, mode="fp32")
     assert same_config(back.config, model.config)
     ids = ids_for(tiny_tok)
     got = back.logits(ids)
@@ -273,7 +273,7 @@ def test_q8_0_falls_back_to_f16_for_rows_that_are_not_blocks(tmp_path, tiny_tok)
     types = Counter((t.name.split(".")[-2], t.type_name) for t in GGUFFile(path).tensors)
     assert types[("ffn_down", "F16")] == 8 and types[("ffn_up", "Q8_0")] == 8  # rows of 48 vs 64
     ids = ids_for(tiny_tok)
-    assert torch.equal(gemmalab.load(path).logits(ids), logits(gguf_rounded(model, "q8_0"), tiny_tok, ids))
+    assert torch.equal(gemmalab.load(path, mode="fp32").logits(ids), logits(gguf_rounded(model, "q8_0"), tiny_tok, ids))
 
 
 def test_gguf_refuses_what_it_cannot_express(tmp_path, tiny_tok):
@@ -327,7 +327,7 @@ def test_failed_writes_leave_nothing(tmp_path, tiny_tok, gguf_tiny_models, monke
         save_hf(model, tiny_tok, tmp_path / "new")
     with pytest.raises(OSError, match="disk full"):
         save_hf(model, tiny_tok, old_dir, overwrite=True)
-    assert gemmalab.load(old_dir).config == model.config.replace(name="hf")  # the old one is intact
+    assert gemmalab.load(old_dir, mode="fp32").config == model.config.replace(name="hf")  # the old one is intact
 
     write_tensor_data = gguf.GGUFWriter.write_tensor_data
     calls = []
@@ -362,7 +362,7 @@ def test_cli_export(tmp_path, tiny_tok, gguf_tiny_models):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"wrote {tmp_path / 'hf'} (")
     ids = ids_for(tiny_tok)
-    assert torch.equal(gemmalab.load(tmp_path / "hf").logits(ids), gemmalab.load(src).logits(ids))
+    assert torch.equal(gemmalab.load(tmp_path / "hf", mode="fp32").logits(ids), gemmalab.load(src, mode="fp32").logits(ids))
 
     assert main(["export", str(src), "--to", "gguf", str(tmp_path / "q.gguf"), "--dtype", "q8_0"]) == 0
     assert GGUFFile(tmp_path / "q.gguf").get("general.file_type") == 7
@@ -406,7 +406,7 @@ def test_real_hf_export(lm, real_hf):
     ref = transformers.Gemma3ForCausalLM.from_pretrained(real_hf).eval()
     with torch.no_grad():
         assert (ref(torch.tensor([ids])).logits[0] - ours).abs().max() <= 1e-4
-    back = gemmalab.load(real_hf)
+    back = gemmalab.load(real_hf, mode="fp32")
     assert back.config == lm.config.replace(name=real_hf.name)
     assert torch.equal(back.logits(ids), ours)
     for text in TEXTS:
@@ -439,7 +439,7 @@ def test_real_hf_tokenizer_and_chat_template(lm, real_hf):
 
 @pytest.mark.slow
 def test_real_gguf_export(lm, model_path, real_gguf):
-    back = gemmalab.load(real_gguf)
+    back = gemmalab.load(real_gguf, mode="fp32")
     assert same_config(back.config, lm.config)
     ids = lm.tokenizer.encode(PROMPT)
     got = back.logits(ids)

@@ -4,6 +4,7 @@ import torch
 
 from gemmalab.config import FULL, get_config
 from gemmalab.generate import left_pad
+from gemmalab.model.cache import RING_HEADROOM
 from gemmalab.model import Gemma3
 from gemmalab.model.text import visibility_mask
 
@@ -100,10 +101,15 @@ def test_cache_bytes_equal_the_formula(name):
         T = min(T, config.max_position_embeddings)
         for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
             with torch.device("meta"):
-                cache = model.make_cache(1, T, dtype=dtype)
-            assert cache.nbytes() == config.kv_cache_bytes(T, size)
-            local = [layer.slots for layer in cache.layers if layer.ring]
+                exact = model.make_cache(1, T, dtype=dtype, ring_headroom=0)
+                cache = model.make_cache(1, T, dtype=dtype)  # the default, with ring headroom
+            assert exact.nbytes() == config.kv_cache_bytes(T, size)
+            local = [layer.slots for layer in exact.layers if layer.ring]
             assert set(local) == {min(config.sliding_window, T)}
+            local = [layer.slots for layer in cache.layers if layer.ring]
+            assert set(local) == {min(config.sliding_window + RING_HEADROOM, T)}
+            if T >= 4096:  # the headroom (speculative decoding) costs < 5% over the formula
+                assert 1.0 <= cache.nbytes() / config.kv_cache_bytes(T, size) < 1.05
 
 
 def test_bf16_forward_runs_and_tracks_fp32():

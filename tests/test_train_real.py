@@ -34,7 +34,7 @@ def test_lora_on_the_real_270m_lowers_loss_and_merges(tmp_path):
 
     adapter = load_file(str(out / "checkpoints" / "step-000008" / "model.safetensors"))
     assert adapter and all(".lora_" in k for k in adapter)
-    lm = gemmalab.load()
+    lm = gemmalab.load(mode="fp32")
     base = lm.logits(lm.tokenizer.encode_chat([{"role": "user", "content": FACTS[0][0]}]))
     apply_lora(lm.model, 8, 16, cfg.lora.targets)
     lm.model.load_state_dict(adapter, strict=False)
@@ -47,5 +47,5 @@ def test_lora_on_the_real_270m_lowers_loss_and_merges(tmp_path):
     assert (with_adapter - base).abs().max() > 0.1  # the adapter really changed the model
     from gemmalab.checkpoints.export import save_hf
     save_hf(lm.model, lm.tokenizer, tmp_path / "merged")  # the exported merged model
-    exported = gemmalab.load(tmp_path / "merged").logits(ids)
+    exported = gemmalab.load(tmp_path / "merged", mode="fp32").logits(ids)
     assert (exported - with_adapter).abs().max() <= 1e-3

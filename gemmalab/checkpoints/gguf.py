@@ -131,3 +131,29 @@ def read_tensors(reader, path: str | Path = "", dtype: torch.dtype = torch.float
             w = w - 1.0
         out[ours] = w if w.dtype == dtype else w.to(dtype)
     return out
+
+
+def read_blocks(reader, path: str | Path = "", kernel_types=frozenset()
+                ) -> tuple[dict[str, tuple[torch.Tensor, int]], dict[str, torch.Tensor]]:
+    """Tensors for a quantized model: ({name: (uint8 rows of blocks, ggml type)}, {name: fp32}).
+
+    Matrices whose ggml type is in `kernel_types` come back as their raw block rows (read from the
+    file into owned memory, not mapped); every other tensor (norms, float or unsupported matrices) is
+    dequantized to fp32, norms with the +1 removed.
+    """
+    blocks, floats = {}, {}
+    for t in reader.tensors:
+        ours = gguf_to_ours(t.name)
+        if ours is None:
+            continue
+        if t.ggml_type in kernel_types and len(t.shape) == 2 and not ours.endswith("norm.weight"):
+            rows = torch.empty(t.shape[0], t.n_bytes // t.shape[0], dtype=torch.uint8)
+            reader.read_into(t, rows.numpy())
+            blocks[ours] = (rows, t.ggml_type)
+            continue
+        try:
+            w = dequantize(reader.data(t), t.ggml_type, t.shape)
+        except UnsupportedTensorType as e:
+            raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
+        floats[ours] = w - 1.0 if ours.endswith("norm.weight") else w
+    return blocks, floats

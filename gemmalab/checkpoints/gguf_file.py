@@ -78,6 +78,20 @@ class GGUFFile:
         self._pos += n
         return s
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a 262k-entry vocabulary): one tight loop, no struct call per item."""
+        mm, pos, size, out = self._mm, self._pos, self.size, []
+        from_bytes, append = int.from_bytes, out.append
+        for _ in range(count):
+            n = from_bytes(mm[pos:pos + 8], "little")
+            pos += 8
+            if pos + n > size:
+                raise struct.error("string runs past the end of the file")
+            append(mm[pos:pos + n].decode("utf-8"))
+            pos += n
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int):
         if vtype == _STRING:
             return self._string()
@@ -86,7 +100,7 @@ class GGUFFile:
         if vtype == _ARRAY:
             itype, count = self._read("<I"), self._read("<Q")
             if itype == _STRING:
-                return [self._string() for _ in range(count)]
+                return self._strings(count)
             if itype in _NP:
                 arr = np.frombuffer(self._mm, dtype=_NP[itype], count=count, offset=self._pos)
                 self._pos += arr.nbytes
@@ -145,3 +159,15 @@ class GGUFFile:
     def data(self, t: TensorInfo) -> np.ndarray:
         """The tensor's raw bytes as a read-only uint8 array backed by the memory map."""
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
+
+    def read_into(self, t: TensorInfo, out) -> None:
+        """Copy a tensor's bytes into `out` (a writable buffer of t.n_bytes) with a plain file read,
+        so that no page of the memory map stays resident for data that is kept in another form."""
+        view = memoryview(out).cast("B")
+        if view.nbytes != t.n_bytes:
+            raise ValueError(f"{t.name}: buffer of {view.nbytes} bytes for {t.n_bytes}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(t.offset)
+            got = f.readinto(view)
+        if got != t.n_bytes:
+            raise CheckpointError(f"{self.path} is truncated: tensor {t.name} is incomplete")

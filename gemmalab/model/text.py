@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import FULL, Gemma3Config
-from .cache import KVCache
+from .cache import RING_HEADROOM, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -157,15 +157,23 @@ class Gemma3(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.activation_checkpointing = False  # training option: recompute blocks in backward
 
-    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        w = self.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, dtype or w.dtype, w.device)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the norms, which every mode keeps in floating point)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                   ring_headroom: int = RING_HEADROOM) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype or self.dtype, self.device, ring_headroom)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        # sqrt(d) rounded to the weight dtype first, like every reference (spec 1.5; HF PR 37109).
+        # sqrt(d) rounded to the compute dtype first, like every reference (spec 1.5; HF PR 37109).
         return self.embed_tokens(input_ids) * torch.tensor(math.sqrt(self.config.hidden_size),
-                                                           dtype=w.dtype, device=w.device)
+                                                           dtype=self.dtype, device=self.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
@@ -183,18 +191,36 @@ class Gemma3(nn.Module):
         return self.lm_head(h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = h @ self.embed_tokens.weight.t()  # tied, unscaled embedding table
+        as_linear = getattr(self.embed_tokens, "as_linear", None)  # a quantized table computes itself
+        logits = as_linear(h) if as_linear else h @ self.embed_tokens.weight.t()  # tied, unscaled
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Append one token per entry at its position; next-token logits (M, V).
+
+        rows (M,): the cache row of each token (default: token i -> row i, every row). This
+        reference version runs `forward` (rows may differ in length); quantized models replace it
+        with a fused kernel that also takes several tokens of one row (speculative verification).
+        """
+        if rows is None:
+            return self(tokens[:, None], positions[:, None], cache)[:, -1]
+        rows = rows.tolist()
+        if len(set(rows)) != len(rows):
+            raise ValueError("the reference decode_step takes one token per row; use forward with a "
+                             "chunk of tokens to append several to one row")
+        return torch.cat([self(tokens[i:i + 1, None], positions[i:i + 1, None], cache.rows(r, r + 1))[:, -1]
+                          for i, r in enumerate(rows)])
+
     def hidden_states(self, input_ids, positions=None, cache=None, segment_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): what the LM head (or a chunked loss) consumes."""
         c = self.config
         B, T = input_ids.shape
-        start = cache.step if cache is not None else 0
         if positions is None:
+            start = cache.step if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)  # (B, T, d)
         rope_local = rope_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, x.dtype)
@@ -221,38 +247,57 @@ class Gemma3(nn.Module):
     def _prepare_cache(self, cache: KVCache, positions: torch.Tensor):
         """Record the new positions, build both masks once, and return the per-layer write function.
 
-        Global layers write the chunk at slots [s0, s1) and attend over slots [0, s1).
-        Local layers (ring of R slots): a single token is written first, then attends over the ring,
-        whose W slots now hold exactly the window. A longer chunk attends over [ring before the
-        write, chunk] so that no key it needs is overwritten, then its last min(T, R) keys go in.
+        One token per row: each row writes its own next column (rows may differ in length: continuous
+        batching), global layers attend over columns [0, longest], local layers write the ring slot
+        first and attend over the ring, whose slots hold exactly the window (and stale or empty slots
+        masked by position).
+        A chunk of T > 1 tokens (rows of equal length): global layers write columns [s0, s1) and attend
+        over [0, s1); local layers attend over [ring before the write, chunk] so that no key the chunk
+        needs is overwritten, then its last min(T, R) keys go in.
         """
-        T = positions.shape[1]
-        s0, s1 = cache.step, cache.step + T
+        B, T = positions.shape
+        W, R = self.config.sliding_window, cache.ring_slots
+        if T == 1:
+            cols = cache.lengths.to(positions.device, copy=True)  # (B,) each row's next column
+            if bool((cols >= cache.max_len).any()):
+                raise ValueError(f"the cache holds {cache.max_len} positions; a row is full")
+            rows = torch.arange(B, device=positions.device)
+            ring = cols % R
+            cache.full_pos[rows, cols] = positions[:, 0]
+            cache.ring_pos[rows, ring] = positions[:, 0]
+            s1 = int(cols.max()) + 1
+            mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None)
+            mask_local = visibility_mask(positions, cache.ring_pos, W)
+            cache.lengths += 1
+
+            def write_one(layer_cache, k, v):  # k, v: (B, Hkv, 1, D)
+                slot = ring if layer_cache.ring else cols
+                layer_cache.k[rows, :, slot] = k[:, :, 0]
+                layer_cache.v[rows, :, slot] = v[:, :, 0]
+                if layer_cache.ring:
+                    return layer_cache.k, layer_cache.v
+                return layer_cache.k[:, :, :s1], layer_cache.v[:, :, :s1]
+
+            return mask_global, mask_local, write_one
+
+        s0 = cache.step
+        s1 = s0 + T
         if s1 > cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions; cannot append {T} tokens "
                              f"after {s0}")
-        W, R = self.config.sliding_window, cache.ring_pos.shape[1]
         cache.full_pos[:, s0:s1] = positions
         mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None)
         keep = min(T, R)
         ring_slots = torch.arange(s1 - keep, s1, device=positions.device) % R
-        if T == 1:
-            cache.ring_pos[:, ring_slots] = positions
-            mask_local = visibility_mask(positions, cache.ring_pos, W)
-        else:
-            mask_local = visibility_mask(positions, torch.cat([cache.ring_pos, positions], 1), W)
-            cache.ring_pos[:, ring_slots] = positions[:, T - keep:]
-        cache.step = s1
+        mask_local = visibility_mask(positions, torch.cat([cache.ring_pos, positions], 1), W)
+        cache.ring_pos[:, ring_slots] = positions[:, T - keep:]
+        cache.lengths += T
 
         def write(layer_cache, k, v):
             if not layer_cache.ring:
                 layer_cache.k[:, :, s0:s1] = k
                 layer_cache.v[:, :, s0:s1] = v
                 return layer_cache.k[:, :, :s1], layer_cache.v[:, :, :s1]
-            if T == 1:
-                layer_cache.k.index_copy_(2, ring_slots, k)
-                layer_cache.v.index_copy_(2, ring_slots, v)
-                return layer_cache.k, layer_cache.v
             k_all = torch.cat([layer_cache.k, k], dim=2)
             v_all = torch.cat([layer_cache.v, v], dim=2)
             layer_cache.k.index_copy_(2, ring_slots, k[:, :, T - keep:])

@@ -48,7 +48,7 @@ def build_model_and_tokenizer(cfg: SFTConfig, device: torch.device):
         model = model.to(device=device, dtype=dtype)
     else:
         from ..lm import load
-        lm = load(cfg.model.path, dtype=dtype, device=device)
+        lm = load(cfg.model.path, mode="fp32", dtype=dtype, device=device)
         model, tokenizer = lm.model, lm.tokenizer
     model.train().requires_grad_(True)
     model.activation_checkpointing = cfg.model.activation_checkpointing

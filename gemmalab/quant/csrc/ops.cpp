@@ -1,0 +1,470 @@
+// PyTorch operators (torch.ops.gemmalab.*) over the quantized kernels of qgemm.cpp:
+//   qlinear          y = x W^T for GGUF-block weights (activations quantized to 8 bits per 32)
+//   qlinear_multi    several weights sharing one input (q/k/v, gate/up): one quantization, one
+//                    parallel region
+//   dequantize       weight rows -> fp32 (the embedding lookup, prefill, tests)
+//   rmsnorm          x * rsqrt(mean(x^2) + eps) * (1 + w)
+//   decode_attention one query per row against a KV cache whose slots carry absolute positions
+//   decode_layer     a whole Gemma 3 / Gemma 2 block for one new token per row, in one call
+// All fp32, CPU, contiguous. Threads: ATen's intra-op pool (torch.set_num_threads).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "mathx.h"
+#include "qgemm.h"
+
+namespace gl {
+namespace {
+
+// ---- quantized matrix products ---------------------------------------------------------------
+struct Mat {
+  const uint8_t* w;
+  int type;
+  int64_t N;       // rows (output features)
+  int64_t row_bytes;
+  float* out;      // (M, N) row-major
+};
+
+template <int T, int R>
+inline void rows_tile(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t r0) {
+  for (int64_t n = n0; n < n1; ++n)
+    dot_row<T, R>(m.w + n * m.row_bytes, a, r0, m.out + r0 * m.N + n, m.N);
+}
+
+template <int T>
+void rows_all(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
+  // Weight rows in blocks of 16 stay in L1 while the activation rows stream past in tiles of 4.
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t ne = std::min(n1, nb + 16);
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) rows_tile<T, 4>(m, nb, ne, a, r);
+    switch (M - r) {
+      case 3: rows_tile<T, 3>(m, nb, ne, a, r); break;
+      case 2: rows_tile<T, 2>(m, nb, ne, a, r); break;
+      case 1: rows_tile<T, 1>(m, nb, ne, a, r); break;
+      default: break;
+    }
+  }
+}
+
+void run_rows(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
+  switch (m.type) {
+    case Q4_0: return rows_all<Q4_0>(m, n0, n1, a, M);
+    case Q4_1: return rows_all<Q4_1>(m, n0, n1, a, M);
+    case Q5_0: return rows_all<Q5_0>(m, n0, n1, a, M);
+    case Q5_1: return rows_all<Q5_1>(m, n0, n1, a, M);
+    case Q8_0: return rows_all<Q8_0>(m, n0, n1, a, M);
+    case Q4_K: return rows_all<Q4_K>(m, n0, n1, a, M);
+    case Q6_K: return rows_all<Q6_K>(m, n0, n1, a, M);
+    case Q5_0_U8: return rows_all<Q5_0_U8>(m, n0, n1, a, M);
+  }
+  TORCH_CHECK(false, "gemmalab.qlinear: unsupported weight type ", m.type);
+}
+
+// Quantized activations of an (M, K) fp32 matrix, owned.
+struct ActBuf {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+  Act act;
+  ActBuf(const float* x, int64_t M, int64_t K) : q(M * K), d(M * K / 32), s(M * K / 16) {
+    if (M >= 8)
+      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) { quantize_rows(x, m0, m1, K, q.data(), d.data(), s.data()); });
+    else
+      quantize_rows(x, 0, M, K, q.data(), d.data(), s.data());
+    act = Act{q.data(), d.data(), s.data(), K};
+  }
+};
+
+// One parallel region over the rows of every matrix.
+void gemv_multi(const std::vector<Mat>& mats, const Act& a, int64_t M) {
+  int64_t total = 0;
+  for (auto& m : mats) total += m.N;
+  at::parallel_for(0, total, 16, [&](int64_t g0, int64_t g1) {
+    int64_t base = 0;
+    for (auto& m : mats) {
+      const int64_t lo = std::max(g0, base), hi = std::min(g1, base + m.N);
+      if (lo < hi) run_rows(m, lo - base, hi - base, a, M);
+      base += m.N;
+    }
+  });
+}
+
+int64_t row_bytes_of(int type, int64_t K) {
+  const int bw = block_weights(type);
+  TORCH_CHECK(block_bytes(type) > 0, "gemmalab: unsupported quantized weight type ", type);
+  TORCH_CHECK(K % bw == 0, "gemmalab: row length ", K, " is not a multiple of the block size ", bw);
+  return K / bw * block_bytes(type);
+}
+
+void check_weight(const at::Tensor& w, int64_t qtype, int64_t K) {
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "gemmalab: quantized weights must be a contiguous uint8 (rows, bytes) tensor");
+  TORCH_CHECK(w.size(1) == row_bytes_of(qtype, K), "gemmalab: weight rows hold ", w.size(1),
+              " bytes; type ", qtype, " with ", K, " inputs needs ", row_bytes_of(qtype, K));
+}
+
+at::Tensor as_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dtype() == at::kFloat, "gemmalab: activations must be float32");
+  return x.contiguous();
+}
+
+std::vector<at::Tensor> qlinear_multi(const at::Tensor& x_, at::TensorList ws, at::IntArrayRef qtypes) {
+  TORCH_CHECK(ws.size() == qtypes.size(), "gemmalab.qlinear_multi: one type per weight");
+  auto x = as_input(x_);
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  TORCH_CHECK(K % 32 == 0, "gemmalab.qlinear: input features must be a multiple of 32, got ", K);
+  std::vector<at::Tensor> outs;
+  std::vector<Mat> mats;
+  auto shape = x.sizes().vec();
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_weight(ws[i], qtypes[i], K);
+    shape.back() = ws[i].size(0);
+    outs.push_back(at::empty(shape, x.options()));
+    mats.push_back(Mat{ws[i].data_ptr<uint8_t>(), int(qtypes[i]), ws[i].size(0), ws[i].size(1),
+                       outs.back().data_ptr<float>()});
+  }
+  if (M == 0) return outs;
+  ActBuf a(x.data_ptr<float>(), M, K);
+  gemv_multi(mats, a.act, M);
+  return outs;
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  return qlinear_multi(x, {w}, {qtype})[0];
+}
+
+// Weight rows dequantized to fp32: all rows (ids undefined) or the rows at `ids`.
+at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K, const c10::optional<at::Tensor>& ids_) {
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(), "gemmalab.dequantize: uint8 rows");
+  const int64_t rb = (qtype == F32) ? K * 4 : (qtype == F16 || qtype == BF16) ? K * 2 : row_bytes_of(qtype, K);
+  TORCH_CHECK(w.size(1) == rb, "gemmalab.dequantize: rows of ", w.size(1), " bytes, expected ", rb);
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  if (!ids_.has_value()) {
+    auto out = at::empty({w.size(0), K}, at::kFloat);
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, w.size(0), 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequant_row(int(qtype), W + r * rb, K, O + r * K);
+    });
+    return out;
+  }
+  auto ids = ids_->to(at::kLong).contiguous();
+  auto out = at::empty({ids.numel(), K}, at::kFloat);
+  const int64_t* I = ids.data_ptr<int64_t>();
+  float* O = out.data_ptr<float>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    TORCH_CHECK(I[i] >= 0 && I[i] < w.size(0), "gemmalab.dequantize: row ", I[i], " out of range");
+    dequant_row(int(qtype), W + I[i] * rb, K, O + i * K);
+  }
+  return out;
+}
+
+// ---- small fused elementwise ops -------------------------------------------------------------
+inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+  __m256 ss = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) { __m256 v = _mm256_loadu_ps(x + i); ss = _mm256_fmadd_ps(v, v, ss); }
+  const __m256 r = _mm256_set1_ps(1.0f / std::sqrt(hsum(ss) / float(n) + eps));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r),
+                                            _mm256_add_ps(one, _mm256_loadu_ps(w + i))));
+}
+
+at::Tensor rmsnorm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  auto x = as_input(x_);
+  auto w = w_.contiguous().to(at::kFloat);
+  const int64_t n = x.size(-1), M = x.numel() / n;
+  TORCH_CHECK(n % 8 == 0 && w.numel() == n, "gemmalab.rmsnorm: width must be a multiple of 8 and match the weight");
+  auto out = at::empty_like(x);
+  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) rmsnorm_row(X + m * n, W, O + m * n, n, float(eps));
+  });
+  return out;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i < n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  return hsum(_mm256_add_ps(s0, s1));
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+// ---- decode attention --------------------------------------------------------------------------
+struct AttnArgs {
+  const float* q;        // (B, H, D)
+  const float* k;        // (Bmax, Hkv, S, D)
+  const float* v;
+  const int64_t* pos;    // (Bmax, S) absolute position held by each slot, -1 = empty
+  const int64_t* rows;   // (B,) cache row of each query row
+  const int64_t* qpos;   // (B,)
+  float* out;            // (B, H, D)
+  int64_t B, H, Hkv, S, D, n_scan, window;
+  float scale, softcap;
+};
+
+// Each task is (query, kv head, 256-slot span); partial softmax statistics are merged afterwards.
+// Spans start at fixed slot boundaries, so a query's result does not depend on the other queries of
+// the call or on how far other rows reach (a speculative verification of k tokens computes exactly
+// what k single-token steps compute).
+void attend(const AttnArgs& a) {
+  const int64_t G = a.H / a.Hkv, D = a.D;
+  const int64_t span = 256;
+  const int64_t nsplit = std::max<int64_t>(1, (a.n_scan + span - 1) / span);
+  const int64_t ntask = a.B * a.Hkv * nsplit;
+  std::vector<float> m_part(ntask * G), l_part(ntask * G), acc(ntask * G * D);
+  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t split = t % nsplit, g = (t / nsplit) % a.Hkv, b = t / (nsplit * a.Hkv);
+      const int64_t row = a.rows[b], qp = a.qpos[b];
+      // whole spans, even past n_scan (those slots are masked by position): the summation order
+      // of a query must not depend on how far the other queries of the call reach
+      const int64_t s0 = split * span, s1 = std::min(a.S, s0 + span);
+      const int64_t* P = a.pos + row * a.S;
+      const float* K = a.k + ((row * a.Hkv + g) * a.S) * D;
+      const float* V = a.v + ((row * a.Hkv + g) * a.S) * D;
+      float* A = acc.data() + t * G * D;
+      std::fill(A, A + G * D, 0.f);
+      const int64_t n = std::max<int64_t>(0, s1 - s0);
+      sc.assign(G * std::max<int64_t>(n, 1), -std::numeric_limits<float>::infinity());
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t p = P[s];
+        if (p < 0 || p > qp || (a.window > 0 && p <= qp - a.window)) continue;
+        for (int64_t h = 0; h < G; ++h) {
+          float z = dot(a.q + (b * a.H + g * G + h) * D, K + s * D, D) * a.scale;
+          if (a.softcap > 0) z = a.softcap * std::tanh(z / a.softcap);
+          sc[h * n + (s - s0)] = z;
+        }
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        float* z = sc.data() + h * n;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, z[i]);
+        float l = 0.f;
+        if (mx != -std::numeric_limits<float>::infinity()) {
+          int64_t i = 0;
+          for (; i + 8 <= n; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(z + i, e);
+            l += hsum(e);
+          }
+          for (; i < n; ++i) { z[i] = std::exp(z[i] - mx); l += z[i]; }
+          for (int64_t j = 0; j < n; ++j)
+            if (z[j] > 0.f) axpy(z[j], V + (s0 + j) * D, A + h * D, D);
+        }
+        m_part[t * G + h] = mx;
+        l_part[t * G + h] = l;
+      }
+    }
+  });
+  // merge the splits: out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t g = 0; g < a.Hkv; ++g)
+      for (int64_t h = 0; h < G; ++h) {
+        const int64_t t0 = (b * a.Hkv + g) * nsplit;
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < nsplit; ++i) M = std::max(M, m_part[(t0 + i) * G + h]);
+        float* O = a.out + (b * a.H + g * G + h) * D;
+        std::fill(O, O + D, 0.f);
+        if (M == -std::numeric_limits<float>::infinity()) continue;  // nothing visible (cannot happen for a real token)
+        float L = 0.f;
+        for (int64_t i = 0; i < nsplit; ++i) {
+          const float f = std::exp(m_part[(t0 + i) * G + h] - M);
+          L += f * l_part[(t0 + i) * G + h];
+          axpy(f, acc.data() + ((t0 + i) * G + h) * D, O, D);
+        }
+        const float inv = 1.f / L;
+        for (int64_t j = 0; j < D; ++j) O[j] *= inv;
+      }
+}
+
+void check_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos) {
+  TORCH_CHECK(k.dtype() == at::kFloat && v.dtype() == at::kFloat && k.is_contiguous() && v.is_contiguous() &&
+              k.dim() == 4 && k.sizes() == v.sizes(), "gemmalab: KV cache must be contiguous fp32 (B, Hkv, S, D)");
+  TORCH_CHECK(pos.dtype() == at::kLong && pos.is_contiguous() && pos.dim() == 2 && pos.size(0) == k.size(0) &&
+              pos.size(1) == k.size(2), "gemmalab: slot positions must be int64 (B, S)");
+}
+
+at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                            const at::Tensor& rows_, const at::Tensor& qpos_, int64_t n_scan, int64_t window,
+                            double scale, double softcap) {
+  auto q = as_input(q_);
+  check_cache(k, v, pos);
+  auto rows = rows_.to(at::kLong).contiguous(), qpos = qpos_.to(at::kLong).contiguous();
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0, "gemmalab.decode_attention: q must be (B, H, D)");
+  auto out = at::empty_like(q);
+  AttnArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pos.data_ptr<int64_t>(),
+             rows.data_ptr<int64_t>(), qpos.data_ptr<int64_t>(), out.data_ptr<float>(), q.size(0), q.size(1),
+             k.size(1), k.size(2), k.size(3), std::min<int64_t>(n_scan, k.size(2)), window, float(scale), float(softcap)};
+  attend(a);
+  return out;
+}
+
+// ---- one decoder block for one new token per row ---------------------------------------------
+// norms: input, post-attention, pre-feedforward, post-feedforward [, q_norm, k_norm] (gains 1 + w)
+// weights: q, k, v, o, gate, up, down (uint8 block rows); qtypes alongside
+// dims: n_heads, n_kv, head_dim, hidden, intermediate, window (0 = global)
+// fparams: eps, query scale, attention softcap (0 = none)
+at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorList weights, at::IntArrayRef qtypes,
+                        const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& pos, const at::Tensor& rows_,
+                        const at::Tensor& slot_, const at::Tensor& qpos_, const at::Tensor& inv_freq_,
+                        int64_t n_scan, at::IntArrayRef dims, at::ArrayRef<double> fparams) {
+  TORCH_CHECK(weights.size() == 7 && qtypes.size() == 7 && (norms.size() == 4 || norms.size() == 6) &&
+              dims.size() == 6 && fparams.size() == 3, "gemmalab.decode_layer: bad argument lists");
+  check_cache(kc, vc, pos);
+  auto x = as_input(x_).clone();
+  // B query rows (one token each); several may belong to the same cache row (speculative
+  // verification): all their keys are written before any attends, and positions keep it causal.
+  const int64_t B = x.size(0), H = dims[0], Hkv = dims[1], D = dims[2], d = dims[3], F = dims[4], window = dims[5];
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d, "gemmalab.decode_layer: x must be (B, hidden)");
+  const float eps = float(fparams[0]), scale = float(fparams[1]), softcap = float(fparams[2]);
+  auto rows = rows_.to(at::kLong).contiguous(), slot = slot_.to(at::kLong).contiguous(), qpos = qpos_.to(at::kLong).contiguous();
+  auto inv_freq = inv_freq_.to(at::kFloat).contiguous();
+  std::vector<at::Tensor> nw;
+  for (auto& n : norms) nw.push_back(n.to(at::kFloat).contiguous());
+  const int64_t Ks[7] = {d, d, d, H * D, d, d, F};
+  for (int i = 0; i < 7; ++i) check_weight(weights[i], qtypes[i], Ks[i]);
+  auto mat = [&](int i, float* out) {
+    return Mat{weights[i].data_ptr<uint8_t>(), int(qtypes[i]), weights[i].size(0), weights[i].size(1), out};
+  };
+  float* X = x.data_ptr<float>();
+  std::vector<float> h(B * std::max(d, H * D)), q(B * H * D), k(B * Hkv * D), v(B * Hkv * D), att(B * H * D),
+      o(B * d), g(B * F), u(B * F);
+
+  // attention
+  for (int64_t b = 0; b < B; ++b) rmsnorm_row(X + b * d, nw[0].data_ptr<float>(), h.data() + b * d, d, eps);
+  {
+    ActBuf a(h.data(), B, d);
+    gemv_multi({mat(0, q.data()), mat(1, k.data()), mat(2, v.data())}, a.act, B);
+  }
+  const float* IF = inv_freq.data_ptr<float>();
+  std::vector<float> cs(D / 2), sn(D / 2), tmp(D);
+  float* KC = kc.data_ptr<float>();
+  float* VC = vc.data_ptr<float>();
+  const int64_t S = kc.size(2);
+  for (int64_t b = 0; b < B; ++b) {
+    const float p = float(qpos.data_ptr<int64_t>()[b]);
+    for (int64_t i = 0; i < D / 2; ++i) { const float ang = p * IF[i]; cs[i] = std::cos(ang); sn[i] = std::sin(ang); }
+    auto rope = [&](float* vec) {
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float x1 = vec[i], x2 = vec[i + D / 2];
+        vec[i] = x1 * cs[i] - x2 * sn[i];
+        vec[i + D / 2] = x2 * cs[i] + x1 * sn[i];
+      }
+    };
+    for (int64_t hh = 0; hh < H; ++hh) {
+      float* qv = q.data() + (b * H + hh) * D;
+      if (nw.size() == 6) { rmsnorm_row(qv, nw[4].data_ptr<float>(), tmp.data(), D, eps); std::copy(tmp.begin(), tmp.end(), qv); }
+      rope(qv);
+    }
+    const int64_t row = rows.data_ptr<int64_t>()[b], s = slot.data_ptr<int64_t>()[b];
+    TORCH_CHECK(s >= 0 && s < S && row >= 0 && row < kc.size(0), "gemmalab.decode_layer: cache slot out of range");
+    for (int64_t hh = 0; hh < Hkv; ++hh) {
+      float* kv = k.data() + (b * Hkv + hh) * D;
+      if (nw.size() == 6) { rmsnorm_row(kv, nw[5].data_ptr<float>(), tmp.data(), D, eps); std::copy(tmp.begin(), tmp.end(), kv); }
+      rope(kv);
+      std::copy(kv, kv + D, KC + ((row * Hkv + hh) * S + s) * D);
+      std::copy(v.data() + (b * Hkv + hh) * D, v.data() + (b * Hkv + hh + 1) * D, VC + ((row * Hkv + hh) * S + s) * D);
+    }
+  }
+  AttnArgs aa{q.data(), KC, VC, pos.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), qpos.data_ptr<int64_t>(),
+              att.data(), B, H, Hkv, S, D, std::min(n_scan, S), window, scale, softcap};
+  attend(aa);
+  {
+    ActBuf a(att.data(), B, H * D);
+    gemv_multi({mat(3, o.data())}, a.act, B);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    rmsnorm_row(o.data() + b * d, nw[1].data_ptr<float>(), h.data() + b * d, d, eps);
+    for (int64_t i = 0; i < d; ++i) X[b * d + i] += h[b * d + i];
+    rmsnorm_row(X + b * d, nw[2].data_ptr<float>(), h.data() + b * d, d, eps);
+  }
+  // feed-forward
+  {
+    ActBuf a(h.data(), B, d);
+    gemv_multi({mat(4, g.data()), mat(5, u.data())}, a.act, B);
+  }
+  gelu_mul(g.data(), u.data(), g.data(), B * F);
+  {
+    ActBuf a(g.data(), B, F);
+    gemv_multi({mat(6, o.data())}, a.act, B);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    rmsnorm_row(o.data() + b * d, nw[3].data_ptr<float>(), h.data() + b * d, d, eps);
+    for (int64_t i = 0; i < d; ++i) X[b * d + i] += h[b * d + i];
+  }
+  return x;
+}
+
+// Q5_0 rows -> Q5_0_U8 rows (a copy; see qgemm.h).
+at::Tensor repack_q5_0(const at::Tensor& w, int64_t K) {
+  check_weight(w, Q5_0, K);
+  auto out = at::empty({w.size(0), row_bytes_of(Q5_0_U8, K)}, at::kByte);
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  const int64_t rb = w.size(1), ob = out.size(1);
+  at::parallel_for(0, w.size(0), 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) repack_q5_0_row(W + r * rb, K, O + r * ob);
+  });
+  return out;
+}
+
+at::Tensor quantize_q8_0(const at::Tensor& x_) {
+  auto x = as_input(x_);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "gemmalab.quantize_q8_0: (rows, K) with K a multiple of 32");
+  const int64_t N = x.size(0), K = x.size(1);
+  auto out = at::empty({N, K / 32 * 34}, at::kByte);
+  const float* X = x.data_ptr<float>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) quantize_row_q8_0(X + r * K, K, O + r * (K / 32 * 34));
+  });
+  return out;
+}
+
+at::Tensor quantize_act(const at::Tensor& x_) {  // for tests: the 8-bit activations, dequantized
+  auto x = as_input(x_);
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  TORCH_CHECK(K % 32 == 0, "gemmalab.quantize_act: width must be a multiple of 32");
+  ActBuf a(x.data_ptr<float>(), M, K);
+  auto out = at::empty_like(x);
+  float* O = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < K; ++i) O[m * K + i] = a.d[m * (K / 32) + i / 32] * float(a.q[m * K + i]);
+  return out;
+}
+
+}  // namespace
+}  // namespace gl
+
+TORCH_LIBRARY(gemmalab, m) {
+  m.def("qlinear(Tensor x, Tensor w, int qtype) -> Tensor", gl::qlinear);
+  m.def("qlinear_multi(Tensor x, Tensor[] ws, int[] qtypes) -> Tensor[]", gl::qlinear_multi);
+  m.def("dequantize(Tensor w, int qtype, int K, Tensor? ids=None) -> Tensor", gl::dequantize);
+  m.def("rmsnorm(Tensor x, Tensor w, float eps) -> Tensor", gl::rmsnorm);
+  m.def("quantize_act(Tensor x) -> Tensor", gl::quantize_act);
+  m.def("repack_q5_0(Tensor w, int K) -> Tensor", gl::repack_q5_0);
+  m.def("quantize_q8_0(Tensor x) -> Tensor", gl::quantize_q8_0);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor rows, Tensor qpos, int n_scan, "
+        "int window, float scale, float softcap) -> Tensor", gl::decode_attention);
+  m.def("decode_layer(Tensor x, Tensor[] norms, Tensor[] weights, int[] qtypes, Tensor k_cache, Tensor v_cache, "
+        "Tensor slot_pos, Tensor rows, Tensor write_slot, Tensor positions, Tensor inv_freq, int n_scan, int[] dims, "
+        "float[] fparams) -> Tensor", gl::decode_layer);
+}
