@@ -107,7 +107,7 @@ def test_cache_bytes_equal_the_formula(name):
             local = [layer.slots for layer in exact.layers if layer.ring]
             assert set(local) == {min(config.sliding_window, T)}
             local = [layer.slots for layer in cache.layers if layer.ring]
-            assert set(local) == {min(config.sliding_window + RING_HEADROOM, T)}
+            assert set(local) == {config.sliding_window + RING_HEADROOM}
             if T >= 4096:  # the headroom (speculative decoding) costs < 5% over the formula
                 assert 1.0 <= cache.nbytes() / config.kv_cache_bytes(T, size) < 1.05
 

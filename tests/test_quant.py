@@ -13,7 +13,7 @@ from gemmalab.generate import SamplingParams, generate_steps
 from gemmalab.model import Gemma3
 from gemmalab.quant import kernels
 from gemmalab.quant.gguf_blocks import dequantize
-from gemmalab.quant.linear import Q5_0_U8, QuantLinear, prepare_blocks
+from gemmalab.quant.linear import Q8_0, Q8_0_SYM, Q5_0_U8, QuantLinear, prepare_blocks
 from gemmalab.quant.model import build_quantized
 
 ops = kernels.ops()
@@ -78,6 +78,20 @@ def test_activation_quantization_and_q8_0_quantizer():
     w = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
     ours = ops.quantize_q8_0(torch.from_numpy(w)).numpy().tobytes()
     assert ours == gguf.quants.quantize(w, T.Q8_0).tobytes()  # bit-identical to llama.cpp's
+
+
+def test_q8_0_with_a_minus_128_code_keeps_the_two_sign_kernel():
+    raw = random_blocks(T.Q8_0, rows=8, cols=128)
+    W0 = ops.dequantize(raw, int(T.Q8_0), 128)
+    blocks, ktype = prepare_blocks(raw, int(T.Q8_0), 128)
+    assert ktype == Q8_0_SYM
+    raw = raw.clone()
+    raw[3, 2 + 5] = 0x80  # code -128 in row 3, block 0
+    W = ops.dequantize(raw, int(T.Q8_0), 128)
+    assert W[3, 5] == W[3, :32].min() < W0[3, :32].min()  # d * -128, beyond the symmetric range
+    blocks, ktype = prepare_blocks(raw, int(T.Q8_0), 128)
+    assert ktype == Q8_0
+    check_qlinear(raw, T.Q8_0, 128, W)
 
 
 def test_q5_0_repack_is_lossless():
@@ -256,7 +270,7 @@ def native(model_path):
 def test_default_mode_is_native_and_compact(native):
     assert native.mode == "native"
     types = {m.qtype for m in native.model.modules() if isinstance(m, QuantLinear)}
-    assert types == {8, 12, 14, Q5_0_U8}  # the file's Q8_0, Q4_K, Q6_K and Q5_0 blocks
+    assert types == {Q8_0_SYM, 12, 14, Q5_0_U8}  # the file's Q8_0, Q4_K, Q6_K and Q5_0 blocks
     nbytes = sum(b.numel() for b in native.model.buffers())
     assert nbytes < 300e6  # vs 1.07 GB in fp32
 

@@ -55,7 +55,9 @@ class KVCache:
         if max_len > config.max_position_embeddings:
             raise ValueError(f"cache length {max_len} exceeds the model context "
                              f"{config.max_position_embeddings}")
-        ring_slots = min(config.sliding_window + ring_headroom, max_len)
+        # Not clamped to max_len (unless there is no headroom): every cache, short or long, then has
+        # the same ring geometry and computes bit-identically (see RING_HEADROOM).
+        ring_slots = config.sliding_window + ring_headroom if ring_headroom else min(config.sliding_window, max_len)
         self.layers = [
             LayerCache(batch, config.num_key_value_heads, max_len if t == FULL else ring_slots,
                        config.head_dim, ring=t != FULL, dtype=dtype, device=device)

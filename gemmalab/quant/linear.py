@@ -17,12 +17,13 @@ from torch import nn
 from . import kernels
 
 # ggml types the kernels compute on directly; Q5_0 is repacked to one byte per code (Q5_0_U8).
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, Q5_0_U8 = 2, 3, 6, 7, 8, 12, 14, 201
-KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_1, Q8_0, Q4_K, Q6_K, Q5_0_U8})
+# Q8_0 rows without a -128 code run as Q8_0_SYM (one sign op per block instead of two).
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, Q5_0_U8, Q8_0_SYM = 2, 3, 6, 7, 8, 12, 14, 201, 202
+KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_1, Q8_0, Q4_K, Q6_K, Q5_0_U8, Q8_0_SYM})
 TYPE_NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
-              Q6_K: "Q6_K", Q5_0_U8: "Q5_0"}
+              Q6_K: "Q6_K", Q5_0_U8: "Q5_0", Q8_0_SYM: "Q8_0"}
 _BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
-          Q4_K: (256, 144), Q6_K: (256, 210), Q5_0_U8: (32, 34)}
+          Q4_K: (256, 144), Q6_K: (256, 210), Q5_0_U8: (32, 34), Q8_0_SYM: (32, 34)}
 # Up to this many rows the integer kernels beat dequantize + BLAS (measured on 2-core Zen 1).
 GEMV_MAX_ROWS = 32
 
@@ -39,12 +40,16 @@ def prepare_blocks(raw: torch.Tensor, qtype: int, in_features: int) -> tuple[tor
         return ops.repack_q5_0(raw.contiguous(), in_features), Q5_0_U8
     if qtype not in KERNEL_TYPES:
         raise ValueError(f"no kernel for ggml type {qtype}")
-    return raw.contiguous().clone(), qtype
+    raw = raw.contiguous()
+    if qtype == Q8_0 and not ops.q8_0_has_min_code(raw):
+        qtype = Q8_0_SYM
+    return raw, qtype
 
 
-def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
-    """fp32/bf16 (out, in) -> Q8_0 rows, bit-identical to gguf.quants.quantize(..., Q8_0)."""
-    return kernels.ops().quantize_q8_0(weight.float().contiguous())
+def quantize_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """fp32/bf16 (out, in) -> (Q8_0 rows, bit-identical to gguf.quants.quantize(..., Q8_0), and the
+    kernel type: Q8_0_SYM, since codes stay in [-127, 127])."""
+    return kernels.ops().quantize_q8_0(weight.float().contiguous()), Q8_0_SYM
 
 
 class QuantLinear(nn.Module):

@@ -53,7 +53,7 @@ def _to_blocks(name: str, mode: str, shape: tuple[int, int], blocks: dict, float
         weight = floats.pop(name)
     if tuple(weight.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(weight.shape)}, the config implies {shape}")
-    return quantize_q8_0(weight), Q8_0
+    return quantize_q8_0(weight)
 
 
 def build_quantized(config: Gemma3Config, blocks: dict[str, tuple[torch.Tensor, int]],

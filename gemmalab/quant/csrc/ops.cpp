@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -62,6 +63,7 @@ void run_rows(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
     case Q4_K: return rows_all<Q4_K>(m, n0, n1, a, M);
     case Q6_K: return rows_all<Q6_K>(m, n0, n1, a, M);
     case Q5_0_U8: return rows_all<Q5_0_U8>(m, n0, n1, a, M);
+    case Q8_0_SYM: return rows_all<Q8_0_SYM>(m, n0, n1, a, M);
   }
   TORCH_CHECK(false, "gemmalab.qlinear: unsupported weight type ", m.type);
 }
@@ -69,15 +71,18 @@ void run_rows(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
 // Quantized activations of an (M, K) fp32 matrix, owned.
 struct ActBuf {
   std::vector<int8_t> q;
+  std::vector<uint8_t> qabs;
   std::vector<float> d;
   std::vector<int32_t> s;
   Act act;
-  ActBuf(const float* x, int64_t M, int64_t K) : q(M * K), d(M * K / 32), s(M * K / 16) {
+  ActBuf(const float* x, int64_t M, int64_t K) : q(M * K), qabs(M * K), d(M * K / 32), s(M * K / 16) {
     if (M >= 8)
-      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) { quantize_rows(x, m0, m1, K, q.data(), d.data(), s.data()); });
+      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+        quantize_rows(x, m0, m1, K, q.data(), qabs.data(), d.data(), s.data());
+      });
     else
-      quantize_rows(x, 0, M, K, q.data(), d.data(), s.data());
-    act = Act{q.data(), d.data(), s.data(), K};
+      quantize_rows(x, 0, M, K, q.data(), qabs.data(), d.data(), s.data());
+    act = Act{q.data(), qabs.data(), d.data(), s.data(), K};
   }
 };
 
@@ -234,9 +239,9 @@ void attend(const AttnArgs& a) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t split = t % nsplit, g = (t / nsplit) % a.Hkv, b = t / (nsplit * a.Hkv);
       const int64_t row = a.rows[b], qp = a.qpos[b];
-      // whole spans, even past n_scan (those slots are masked by position): the summation order
-      // of a query must not depend on how far the other queries of the call reach
-      const int64_t s0 = split * span, s1 = std::min(a.S, s0 + span);
+      // whole spans, even past n_scan or the end of the buffer (masked): the summation order of a
+      // query must not depend on the other queries of the call nor on the cache's length
+      const int64_t s0 = split * span, s1 = s0 + span;
       const int64_t* P = a.pos + row * a.S;
       const float* K = a.k + ((row * a.Hkv + g) * a.S) * D;
       const float* V = a.v + ((row * a.Hkv + g) * a.S) * D;
@@ -244,7 +249,7 @@ void attend(const AttnArgs& a) {
       std::fill(A, A + G * D, 0.f);
       const int64_t n = std::max<int64_t>(0, s1 - s0);
       sc.assign(G * std::max<int64_t>(n, 1), -std::numeric_limits<float>::infinity());
-      for (int64_t s = s0; s < s1; ++s) {
+      for (int64_t s = s0; s < std::min(s1, a.S); ++s) {
         const int64_t p = P[s];
         if (p < 0 || p > qp || (a.window > 0 && p <= qp - a.window)) continue;
         for (int64_t h = 0; h < G; ++h) {
@@ -426,6 +431,23 @@ at::Tensor repack_q5_0(const at::Tensor& w, int64_t K) {
   return out;
 }
 
+// Whether Q8_0 rows hold any -128 code (then Q8_0_SYM's sign trick would overflow).
+bool q8_0_has_min_code(const at::Tensor& w) {
+  TORCH_CHECK(w.dtype() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) % 34 == 0,
+              "gemmalab.q8_0_has_min_code: Q8_0 rows");
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const int64_t nblocks = w.numel() / 34;
+  std::atomic<bool> found{false};
+  at::parallel_for(0, nblocks, 4096, [&](int64_t b0, int64_t b1) {
+    const __m256i m = _mm256_set1_epi8((char)0x80);
+    for (int64_t b = b0; b < b1 && !found.load(std::memory_order_relaxed); ++b) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(W + b * 34 + 2));
+      if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(q, m))) found = true;
+    }
+  });
+  return found.load();
+}
+
 at::Tensor quantize_q8_0(const at::Tensor& x_) {
   auto x = as_input(x_);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "gemmalab.quantize_q8_0: (rows, K) with K a multiple of 32");
@@ -462,6 +484,7 @@ TORCH_LIBRARY(gemmalab, m) {
   m.def("quantize_act(Tensor x) -> Tensor", gl::quantize_act);
   m.def("repack_q5_0(Tensor w, int K) -> Tensor", gl::repack_q5_0);
   m.def("quantize_q8_0(Tensor x) -> Tensor", gl::quantize_q8_0);
+  m.def("q8_0_has_min_code(Tensor w) -> bool", gl::q8_0_has_min_code);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor rows, Tensor qpos, int n_scan, "
         "int window, float scale, float softcap) -> Tensor", gl::decode_attention);
   m.def("decode_layer(Tensor x, Tensor[] norms, Tensor[] weights, int[] qtypes, Tensor k_cache, Tensor v_cache, "

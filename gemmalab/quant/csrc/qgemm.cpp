@@ -5,7 +5,7 @@
 
 namespace gl {
 
-void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, float* d, int32_t* s) {
+void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
@@ -34,6 +34,7 @@ void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q,
       __m256i p = _mm256_packs_epi16(p01, p23);
       p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
       _mm256_storeu_si256((__m256i*)(qr + j * 32), p);
+      _mm256_storeu_si256((__m256i*)(qabs + m * K + j * 32), _mm256_sign_epi8(p, p));
       // sums of each half block (16 codes)
       __m256i h01 = _mm256_add_epi32(iv[0], iv[1]);
       __m256i h23 = _mm256_add_epi32(iv[2], iv[3]);
@@ -77,6 +78,22 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
       for (int r = 0; r < R; ++r) {
         __m256i qa = _mm256_loadu_si256((const __m256i*)(aq[r] + j * 32));
         __m256i p = dot_u8s8(aw, _mm256_sign_epi8(qa, qw));
+        accs[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ad[r][j]), _mm256_cvtepi32_ps(p), accs[r]);
+      }
+    };
+    int64_t j = 0;
+    for (; j + 2 <= nb32; j += 2, w += 68) { step(w, j, acc.v); step(w + 34, j + 1, acc.w); }
+    for (; j < nb32; ++j, w += 34) step(w, j, acc.v);
+  } else if constexpr (T == Q8_0_SYM) {
+    const uint8_t* ab[R];
+    for (int r = 0; r < R; ++r) ab[r] = a.qabs + (row0 + r) * K;
+    auto step = [&](const uint8_t* wb, int64_t j, __m256* accs) {
+      const __m256i qw = _mm256_loadu_si256((const __m256i*)(wb + 2));
+      const float dw = h2f(rd16(wb));
+      for (int r = 0; r < R; ++r) {
+        const __m256i qa = _mm256_loadu_si256((const __m256i*)(aq[r] + j * 32));
+        const __m256i ua = _mm256_loadu_si256((const __m256i*)(ab[r] + j * 32));
+        const __m256i p = dot_u8s8(ua, _mm256_sign_epi8(qw, qa));
         accs[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ad[r][j]), _mm256_cvtepi32_ps(p), accs[r]);
       }
     };
@@ -201,6 +218,7 @@ GL_INSTANTIATE(Q8_0)
 GL_INSTANTIATE(Q4_K)
 GL_INSTANTIATE(Q6_K)
 GL_INSTANTIATE(Q5_0_U8)
+GL_INSTANTIATE(Q8_0_SYM)
 
 void repack_q5_0_row(const uint8_t* src, int64_t K, uint8_t* dst) {
   for (int64_t j = 0; j < K / 32; ++j, src += 22, dst += 34) {
@@ -231,7 +249,7 @@ void dequant_row(int type, const uint8_t* w, int64_t K, float* out) {
     case BF16:
       for (int64_t i = 0; i < K; ++i) { uint32_t b = uint32_t(rd16(w + 2 * i)) << 16; std::memcpy(out + i, &b, 4); }
       return;
-    case Q8_0:
+    case Q8_0: case Q8_0_SYM:
       for (int64_t j = 0; j < K / 32; ++j, w += 34) {
         const float d = h2f(rd16(w));
         for (int i = 0; i < 32; ++i) out[j * 32 + i] = d * float(int8_t(w[2 + i]));

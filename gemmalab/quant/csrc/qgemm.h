@@ -19,7 +19,9 @@ namespace gl {
 enum QType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
                    Q4_K = 12, Q6_K = 14, BF16 = 30,
                    // gemmalab's own repacks (not in GGUF files):
-                   Q5_0_U8 = 201 };  // Q5_0 with each 5-bit code in a byte: fp16 d, u8 q[32]; w = d*(q - 16)
+                   Q5_0_U8 = 201,  // Q5_0 with each 5-bit code in a byte: fp16 d, u8 q[32]; w = d*(q - 16)
+                   Q8_0_SYM = 202 };  // Q8_0 rows without a -128 code (llama.cpp never writes one):
+                                      // |a| x sign(w, a) needs one sign op per block instead of two
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
@@ -36,7 +38,7 @@ inline float hsum(__m256 v) {
 inline int block_bytes(int t) {
   switch (t) {
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22; case Q5_1: return 24;
-    case Q8_0: return 34; case Q4_K: return 144; case Q6_K: return 210; case Q5_0_U8: return 34;
+    case Q8_0: return 34; case Q4_K: return 144; case Q6_K: return 210; case Q5_0_U8: return 34; case Q8_0_SYM: return 34;
     default: return 0;
   }
 }
@@ -47,13 +49,14 @@ inline int block_weights(int t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
 // s[r*K/16 + j] sum of the codes of each 16-value half block (for weight offsets and minimums).
 struct Act {
   const int8_t* q;
+  const uint8_t* qabs;  // |q|
   const float* d;
   const int32_t* s;
   int64_t K;
 };
 
 // Quantize rows [m0, m1) of x (M, K) fp32: d = max|x| / 127, q = round(x / d).
-void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, float* d, int32_t* s);
+void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s);
 
 // ---- weight unpacking helpers (llama.cpp's AVX2 idioms) -------------------------------------
 // 32 nibbles -> 32 bytes: low nibbles of the 16 bytes are values 0..15, high nibbles 16..31.
