@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 WHEELS=bench/.cache/wheels
-if python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+if python -c "import llama_cpp.server.app, sys; sys.exit(__import__('llama_cpp').__version__ != '$VERSION')" 2>/dev/null; then
   echo "llama-cpp-python $VERSION already installed"; exit 0
 fi
 mkdir -p "$WHEELS"
@@ -16,3 +16,5 @@ if ! ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
     pip wheel --no-deps -w "$WHEELS" "llama-cpp-python==$VERSION"
 fi
 pip install -c constraints.txt "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl
+# the OpenAI-compatible server (python -m llama_cpp.server) for bench/bench_serve.py
+pip install -c constraints.txt sse-starlette starlette-context pydantic-settings fastapi uvicorn

@@ -2,6 +2,7 @@
 
 gemmalab generate "prompt"      stream a continuation to stdout
 gemmalab chat                   interactive multi-turn chat (/reset clears, Ctrl-D exits)
+gemmalab serve [--port 8000]    OpenAI-compatible server (chat/completions, streaming, batching)
 gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache bytes
 gemmalab export SRC --to {hf,gguf} OUT [--dtype D] [--overwrite]
                                 write a model as a Hugging Face directory or a GGUF file
@@ -38,6 +39,22 @@ def _nonneg_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
+    return value
+
+
+def _lookup(text: str) -> int:
+    from .model.cache import RING_HEADROOM
+    value = _nonneg_int(text)
+    if value > RING_HEADROOM:
+        raise argparse.ArgumentTypeError(f"lookup must be in [1, {RING_HEADROOM}] draft tokens "
+                                         f"(0 = off), got {text}")
     return value
 
 
@@ -85,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(g, mode=True)
     _add_sampling(g, 128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument("--lookup", type=_nonneg_int, default=0, metavar="K",
+    g.add_argument("--lookup", type=_lookup, default=0, metavar="K",
                    help="prompt-lookup speculative decoding with up to K draft tokens per step "
                         "(same output; faster when the answer repeats the prompt); 0 = off")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
@@ -94,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(c, mode=True)
     _add_sampling(c, 512)
     c.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model(sv, mode=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=_port, default=8000)
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* (or set GEMMALAB_API_KEY)")
+    sv.add_argument("--max-batch", type=_positive_int, default=16,
+                    help="sequences decoded together (more wait in a queue)")
+    sv.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
+    sv.add_argument("--max-context", type=_positive_int, default=None,
+                    help="tokens per sequence, prompt included (default: the model's; the KV cache "
+                         "holds max-batch x max-context tokens)")
+    sv.add_argument("--max-body", type=_positive_int, default=1 << 20, help="request body limit (bytes)")
+    sv.add_argument("--timeout", type=_float_in(0.0, 86400.0, lo_open=True), default=600.0,
+                    help="seconds a request may take")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: file name)")
 
     i = sub.add_parser("info", help="config, parameter counts, tensor types, KV-cache bytes")
     _add_model(i)
@@ -196,6 +230,19 @@ def cmd_chat(args) -> int:
             continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve import _require_deps, serve
+    _require_deps()
+    lm = _load(args)
+    max_context = args.max_context or min(lm.config.max_position_embeddings, 8192)
+    serve(lm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GEMMALAB_API_KEY"),
+          max_batch=args.max_batch, max_queue=args.max_queue, max_context=max_context,
+          max_body_bytes=args.max_body, request_timeout=args.timeout, model_name=args.model_name)
     return 0
 
 
@@ -316,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
-               "plot": cmd_plot, "export": cmd_export}[args.command]
+               "plot": cmd_plot, "export": cmd_export, "serve": cmd_serve}[args.command]
     try:
         return handler(args)
-    except (CheckpointError, ValueError, OSError, KernelsUnavailable) as e:
+    except (CheckpointError, ValueError, OSError, KernelsUnavailable, ImportError) as e:
         print(f"gemmalab: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

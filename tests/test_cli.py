@@ -22,11 +22,26 @@ def one_clear_line(proc, pattern):
 
 @pytest.mark.slow
 def test_generate_streams_the_greedy_continuation(lm):
-    proc = gemmalab("generate", "The capital of France is", "-n", "16", "-t", "0", "--stats")
+    # the exact reference path, against the API's
+    proc = gemmalab("generate", "The capital of France is", "-n", "16", "-t", "0", "--stats",
+                    "--mode", "fp32")
     assert proc.returncode == 0, proc.stderr
     expected = lm.generate("The capital of France is", max_new_tokens=16, temperature=0).text
     assert proc.stdout == expected + "\n"
-    assert "tok/s" in proc.stderr
+    assert "fp32 mode" in proc.stderr and "tok/s" in proc.stderr
+
+
+@pytest.mark.slow
+def test_generate_default_mode_and_prompt_lookup():
+    import gemmalab as api
+    native = api.load()
+    prompt = "one two three four five six seven eight nine ten " * 3
+    expected = native.generate(prompt, max_new_tokens=20, temperature=0).text
+    plain = gemmalab("generate", prompt, "-n", "20", "-t", "0", "--stats")
+    spec = gemmalab("generate", prompt, "-n", "20", "-t", "0", "--stats", "--lookup", "6")
+    assert plain.returncode == 0 and spec.returncode == 0, (plain.stderr, spec.stderr)
+    assert plain.stdout == spec.stdout == expected + "\n"
+    assert "native mode" in plain.stderr and "lookup accepted" in spec.stderr
 
 
 @pytest.mark.slow
@@ -82,6 +97,8 @@ def test_bad_inputs_get_one_clear_line(tmp_path, model_path):
     (["--top-p", "0"], "must be in (0.0, 1.0]"),
     (["--top-k", "1.5"], "not an integer"),
     (["--bogus"], "unrecognized arguments"),
+    (["--mode", "int2"], "invalid choice"),
+    (["--lookup", "99"], "lookup must be in [1, 32]"),
 ])
 def test_bad_flag_values(flags, message):
     proc = gemmalab("generate", "hi", *flags)
