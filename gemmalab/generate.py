@@ -86,14 +86,39 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, pos
 
 
+def chunk_bounds(T: int, chunk_size: int, image_groups: torch.Tensor | None = None
+                 ) -> list[tuple[int, int]]:
+    """Column ranges [s, e) of about chunk_size columns covering [0, T). With image_groups (B, T),
+    a chunk is extended until it does not end inside an image in any row: the soft tokens of an
+    image attend to each other in both directions, so all of them must be in one forward call
+    (spec 2.2; llama.cpp needs n_ubatch to hold a whole image for the same reason)."""
+    bounds, s = [], 0
+    while s < T:
+        e = min(s + chunk_size, T)
+        if image_groups is not None:
+            while e < T and bool(((image_groups[:, e - 1] >= 0) &
+                                  (image_groups[:, e] == image_groups[:, e - 1])).any()):
+                e += 1
+        bounds.append((s, e))
+        s = e
+    return bounds
+
+
 @torch.inference_mode()
 def prefill(model: Gemma3, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor,
-            chunk_size: int = 512) -> torch.Tensor:
-    """Run the prompt through the model in chunks of columns; return last-position logits (B, V)."""
+            chunk_size: int = 512, inputs_embeds: torch.Tensor | None = None,
+            image_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt through the model in chunks of columns; return last-position logits (B, V).
+
+    inputs_embeds (B, T, d) and image_groups (B, T), for prompts with images, go to the model with
+    the ids (see model/multimodal.py); chunks then never split an image.
+    """
     logits = None
-    for s in range(0, ids.shape[1], chunk_size):
-        logits = model(ids[:, s:s + chunk_size], positions[:, s:s + chunk_size], cache,
-                       last_only=True)
+    for s, e in chunk_bounds(ids.shape[1], chunk_size, image_groups):
+        extra = {}
+        if inputs_embeds is not None:
+            extra = dict(inputs_embeds=inputs_embeds[:, s:e], image_groups=image_groups[:, s:e])
+        logits = model(ids[:, s:e], positions[:, s:e], cache, last_only=True, **extra)
     return logits[:, -1]
 
 
@@ -106,12 +131,16 @@ def decode_step(model: Gemma3, cache: KVCache, tokens: torch.Tensor, positions: 
 
 def generate_steps(model: Gemma3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    params: SamplingParams, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                   chunk_size: int = 512, stats: dict | None = None
+                   chunk_size: int = 512, stats: dict | None = None,
+                   inputs_embeds: Sequence[torch.Tensor] | None = None,
+                   image_groups: Sequence[torch.Tensor] | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per generated position.
 
     A row that produced a stop token is marked finished from that step on; its later tokens are
     meaningless. The loop ends when every row finished or after max_new_tokens.
+    Prompts with images also give, per prompt, inputs_embeds (T_i, d) and image_groups (T_i,)
+    (Gemma3Multimodal.embed and model.multimodal.image_groups); generated tokens are text.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -131,8 +160,12 @@ def generate_steps(model: Gemma3, prompts: Sequence[Sequence[int]], max_new_toke
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
+    embeds = groups = None
+    if inputs_embeds is not None:
+        embeds, groups = _left_pad_vision(inputs_embeds, image_groups, ids.shape[1], device)
+
     t0 = time.perf_counter()
-    logits = prefill(model, cache, ids, positions, chunk_size)
+    logits = prefill(model, cache, ids, positions, chunk_size, embeds, groups)
     t1 = time.perf_counter()
     next_pos = positions[:, -1] + 1
     steps = 0
@@ -149,6 +182,17 @@ def generate_steps(model: Gemma3, prompts: Sequence[Sequence[int]], max_new_toke
         stats.update(prompt_tokens=int((positions >= 0).sum()), prefill_s=t1 - t0,
                      decode_s=t2 - t1, new_tokens=steps * len(prompts),
                      decode_tok_s=(steps - 1) * len(prompts) / (t2 - t1) if steps > 1 else 0.0)
+
+
+def _left_pad_vision(embeds: Sequence[torch.Tensor], groups: Sequence[torch.Tensor], T: int,
+                     device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, d) embeddings and (B, T) image groups, left-padded like `left_pad` (zeros, -1)."""
+    out = embeds[0].new_zeros(len(embeds), T, embeds[0].shape[-1], device=device)
+    g = torch.full((len(embeds), T), -1, dtype=torch.long, device=device)
+    for b, (e, gr) in enumerate(zip(embeds, groups)):
+        out[b, T - len(e):] = e
+        g[b, T - len(gr):] = gr
+    return out, g
 
 
 class StopStrings:
