@@ -3,6 +3,7 @@
 Numbers come from ../shared/spec/gemma3.md 1.1 (Gemma 3) and 1.7 (Gemma 2), which match the official
 JAX reference (google-deepmind/gemma `_gemma.py`) and the transformers converter. Field names follow the
 transformers config so that a reader can cross-check (`sliding_window`, `layer_types`, ...).
+The multimodal models (spec 3) add the SigLIP vision config and a config joining it to a text one.
 """
 from __future__ import annotations
 
