@@ -1,7 +1,7 @@
 """`gemmalab` command line: a thin front over the library.
 
-gemmalab generate "prompt"      stream a continuation to stdout
-gemmalab chat                   interactive multi-turn chat (/reset clears, Ctrl-D exits)
+gemmalab generate "prompt"      stream a continuation to stdout (--image PATH: multimodal models)
+gemmalab chat                   interactive multi-turn chat (/reset clears, /image PATH, Ctrl-D exits)
 gemmalab serve [--port 8000]    OpenAI-compatible server (chat/completions, streaming, batching)
 gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache bytes
 gemmalab export SRC --to {hf,gguf} OUT [--dtype D] [--overwrite]
@@ -93,6 +93,34 @@ def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", "-i", dest="images", action="append", default=[], metavar="PATH",
+                   help="image file for a multimodal model (repeatable); it goes where the prompt "
+                        "says <start_of_image>, else before the text")
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="also show the model crops of wide or tall images (Gemma 3 Pan & Scan)")
+
+
+def _check_images(paths: list[str], model: str | None) -> None:
+    """Fail on a bad image file, or a model without a vision encoder, before loading the model."""
+    from ._paths import default_model_path
+    from .checkpoints import checkpoint_kind
+    from .checkpoints.hf import has_vision
+    from .images import load_image
+
+    if not paths:
+        return
+    for path in paths:
+        load_image(path)
+    p = Path(model).expanduser() if model else default_model_path()
+    kind = checkpoint_kind(p)
+    if kind == "hf" and not (p / "config.json").is_file():
+        return  # load() says what is wrong with the directory
+    if kind != "hf" or not has_vision(p):
+        raise ValueError(f"{p.name} is a text-only model and cannot take images; use a multimodal "
+                         "Gemma 3 checkpoint (Gemma3ForConditionalGeneration: 4B, 12B or 27B)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmalab", description="Run Gemma 3 models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt-lookup speculative decoding with up to K draft tokens per step "
                         "(same output; faster when the answer repeats the prompt); 0 = off")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    _add_images(g)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model(c, mode=True)
     _add_sampling(c, 512)
     c.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
+    _add_images(c)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model(sv, mode=True)
@@ -164,11 +194,18 @@ def _sampling(args) -> dict:
 
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    _check_images(args.images, args.model)
     lm = _load(args)
-    ids = (lm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat
-           else lm.tokenizer.encode(prompt))
+    vision = {}
+    if args.images:  # text prompts: the image markers are laid out before tokenizing (lm.py)
+        vision = dict(images=args.images, pan_and_scan=args.pan_and_scan)
+        content = [{"type": "image"} for _ in args.images] + [{"type": "text", "text": prompt}]
+        ids = lm.chat_prompt([{"role": "user", "content": content}]) if args.chat else prompt
+    else:
+        ids = (lm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat
+               else lm.tokenizer.encode(prompt))
     stats: dict = {}
-    for piece in lm.stream(ids, args.max_new_tokens, stats=stats, lookup=args.lookup,
+    for piece in lm.stream(ids, args.max_new_tokens, stats=stats, lookup=args.lookup, **vision,
                            **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -192,14 +229,17 @@ def _load(args):
 
 
 def cmd_chat(args) -> int:
+    _check_images(args.images, args.model)
     lm = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"gemmalab chat with {lm.path.name}. /reset starts over, Ctrl-D exits.")
+        print(f"gemmalab chat with {lm.path.name}. /reset starts over, "
+              f"{'/image PATH adds an image, ' if lm.multimodal else ''}Ctrl-D exits.")
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     system = list(messages)
+    pending = list(args.images)  # images for the next user message
     while True:
         try:
             line = input("> " if interactive else "")
@@ -214,11 +254,31 @@ def cmd_chat(args) -> int:
             messages = list(system)
             print("(conversation cleared)")
             continue
-        messages.append({"role": "user", "content": line})
+        if line.strip().startswith("/image"):
+            path = line.strip()[len("/image"):].strip()
+            try:
+                if lm.multimodal is None:
+                    raise ValueError("this model is text-only and cannot take images")
+                _check_images([path], str(lm.path))
+            except ValueError as e:
+                print(f"gemmalab: error: {e}", file=sys.stderr)
+                continue
+            pending.append(path)
+            print(f"(image {path} goes with your next message)")
+            continue
+        if pending:
+            content = [{"type": "image", "image": p} for p in pending] + [
+                {"type": "text", "text": line}]
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "user", "content": line})
+        images = [item["image"] for m in messages if isinstance(m["content"], list)
+                  for item in m["content"] if item.get("type") == "image"]
+        prompt = lm.chat_prompt(messages) if images else lm.tokenizer.encode_chat(messages)
+        vision = dict(images=images, pan_and_scan=args.pan_and_scan) if images else {}
         reply = []
         try:
-            for piece in lm.stream(lm.tokenizer.encode_chat(messages), args.max_new_tokens,
-                                   **_sampling(args)):
+            for piece in lm.stream(prompt, args.max_new_tokens, **vision, **_sampling(args)):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -228,6 +288,7 @@ def cmd_chat(args) -> int:
             messages.pop()
             print(f"gemmalab: error: {e} (use /reset)", file=sys.stderr)
             continue
+        pending = []
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
@@ -265,20 +326,32 @@ def model_info(path: str | None) -> dict:
     if checkpoint_kind(p) == "hf":
         if not (p / "config.json").is_file():
             raise CheckpointError(f"{p} has no config.json; a Hugging Face model directory needs one")
-        config = hf_ckpt.config_from_hf(json.loads((p / "config.json").read_text()), p.name)
+        raw = json.loads((p / "config.json").read_text())
+        config = hf_ckpt.config_from_hf(raw, p.name)
+        multimodal = hf_ckpt.multimodal_config_from_hf(raw, p.name)
         types = Counter(hf_ckpt.tensor_dtypes(p).values())
     else:
         reader = gguf_ckpt.open_gguf(p)
         config = gguf_ckpt.config_from_gguf(reader, p.stem)
         types = Counter(t.type_name for t in reader.tensors)
+        multimodal = None
     kv = {}
     for ctx in (8192, 32768, 131072):
         hybrid, full = config.kv_cache_bytes(ctx, 2), config.kv_cache_bytes(ctx, 2, hybrid=False)
         kv[ctx] = dict(hybrid=hybrid, all_global=full, ratio=hybrid / full,
                        beyond_context=ctx > config.max_position_embeddings)
-    return dict(path=str(p), config=config, tensor_types=dict(types), kv_cache_bf16=kv,
+    info = dict(path=str(p), config=config, tensor_types=dict(types), kv_cache_bf16=kv,
                 parameters=dict(embedding=config.embedding_parameters,
                                 non_embedding=config.non_embedding_parameters))
+    if multimodal is not None:
+        v = multimodal.vision
+        info["vision"] = dict(layers=v.num_hidden_layers, width=v.hidden_size,
+                              heads=v.num_attention_heads, image_size=v.image_size,
+                              patch_size=v.patch_size,
+                              tokens_per_image=multimodal.mm_tokens_per_image,
+                              parameters=v.num_parameters,
+                              projector_parameters=multimodal.projector_parameters)
+    return info
 
 
 def cmd_info(args) -> int:
@@ -303,6 +376,11 @@ def cmd_info(args) -> int:
         print(f"softcap    attention {c.attn_logit_softcapping}, final {c.final_logit_softcapping}")
     print(f"parameters {par['embedding'] + par['non_embedding']:,} ({par['embedding']:,} embedding"
           f" + {par['non_embedding']:,} non-embedding)")
+    if "vision" in info:
+        v = info["vision"]
+        print(f"vision     SigLIP {v['layers']} layers, width {v['width']}, {v['image_size']} px in "
+              f"{v['patch_size']} px patches, {v['tokens_per_image']} tokens per image; "
+              f"{v['parameters']:,} + projector {v['projector_parameters']:,} parameters")
     print("tensors    " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
     print("KV cache (bf16, one sequence):   hybrid     all-global   ratio")
     for ctx, row in info["kv_cache_bf16"].items():
@@ -345,6 +423,9 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     bf16 = args.to == "hf" and args.dtype is not None and HF_DTYPES[args.dtype.lower()] == torch.bfloat16
     lm = load(args.src, mode="fp32", dtype=torch.bfloat16 if bf16 else torch.float32)
+    if lm.multimodal is not None:
+        print(f"note: {args.src} is multimodal; only its text decoder is exported (export of the "
+              "vision encoder is not implemented)", file=sys.stderr)
     if args.to == "hf":
         out = save_hf(lm.model, lm.tokenizer, args.out, dtype=args.dtype, overwrite=args.overwrite)
         size = sum(f.stat().st_size for f in out.iterdir())

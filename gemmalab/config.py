@@ -3,10 +3,12 @@
 Numbers come from ../shared/spec/gemma3.md 1.1 (Gemma 3) and 1.7 (Gemma 2), which match the official
 JAX reference (google-deepmind/gemma `_gemma.py`) and the transformers converter. Field names follow the
 transformers config so that a reader can cross-check (`sliding_window`, `layer_types`, ...).
+The multimodal models (spec 3) add the SigLIP vision config and a config joining it to a text one.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 SLIDING = "sliding_attention"  # local layer: a query sees exactly W keys, itself included (q - W < k <= q)
@@ -152,3 +154,123 @@ def get_config(name: str) -> Gemma3Config:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[key]
 
+
+
+# ---- vision (spec 3) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SiglipVisionConfig:
+    """The SigLIP vision encoder of Gemma 3 (So400m/14 at 896 px; spec 3.1). Field names follow
+    transformers' SiglipVisionConfig; Gemma 3 uses no pooling head (`vision_use_head=False`)."""
+    name: str = "siglip-so400m-14-896"
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 896
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+
+    @property
+    def patches_per_side(self) -> int:  # 64 for 896 / 14
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:  # 4096
+        return self.patches_per_side ** 2
+
+    @property
+    def head_dim(self) -> int:  # 72
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_parameters(self) -> int:
+        """Patch conv + position table + blocks + final LayerNorm: 416.9M for So400m/14-896."""
+        d, f = self.hidden_size, self.intermediate_size
+        patch = self.num_channels * self.patch_size ** 2 * d + d
+        block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 4 * d  # attn, mlp, 2 LayerNorms
+        return patch + self.num_patches * d + self.num_hidden_layers * block + 2 * d
+
+
+@dataclass(frozen=True)
+class Gemma3MultimodalConfig:
+    """Vision encoder + projector + text decoder (transformers' Gemma3Config). Each image becomes
+    `mm_tokens_per_image` soft tokens: the encoder's patch grid average-pooled (4x4 for 64 -> 16 per
+    side), RMS-normalised and projected to the text width (spec 3.2)."""
+    name: str = "custom"
+    text: Gemma3Config = field(default_factory=Gemma3Config)
+    vision: SiglipVisionConfig = field(default_factory=SiglipVisionConfig)
+    mm_tokens_per_image: int = 256
+    boi_token_id: int = 255_999  # <start_of_image>
+    eoi_token_id: int = 256_000  # <end_of_image>
+    image_token_id: int = 262_144  # <image_soft_token>: a row of the 262,208-row table, or OOV (10.12)
+
+    def __post_init__(self):
+        side = math.isqrt(self.mm_tokens_per_image)
+        if side * side != self.mm_tokens_per_image or self.vision.patches_per_side % side:
+            raise ValueError(f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose "
+                             f"side divides the {self.vision.patches_per_side}-patch grid side")
+        for name in ("boi_token_id", "eoi_token_id"):
+            if not 0 <= getattr(self, name) < self.text.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} is outside the vocabulary "
+                                 f"({self.text.vocab_size})")
+
+    @property
+    def tokens_per_side(self) -> int:  # 16
+        return math.isqrt(self.mm_tokens_per_image)
+
+    @property
+    def pooling_kernel(self) -> int:  # 4: 64 x 64 patches -> 16 x 16 soft tokens
+        return self.vision.patches_per_side // self.tokens_per_side
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Sequence positions one image takes: \\n\\n, <start_of_image>, soft tokens, <end_of_image>,
+        \\n\\n (260 for Gemma 3)."""
+        return self.mm_tokens_per_image + 4
+
+    @property
+    def projector_parameters(self) -> int:  # RMSNorm weight + the (vision d, text d) matrix
+        return self.vision.hidden_size * (1 + self.text.hidden_size)
+
+    def replace(self, **changes) -> "Gemma3MultimodalConfig":
+        return dataclasses.replace(self, **changes)
+
+
+SIGLIP_SO400M = SiglipVisionConfig()
+TINY_SIGLIP = SiglipVisionConfig(name="tiny-siglip", hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                                 patch_size=4)  # 16 x 16 patches, pooled 4 x 4 like the real one
+
+MULTIMODAL_PRESETS: dict[str, Gemma3MultimodalConfig] = {c.name: c for c in [
+    Gemma3MultimodalConfig(name=f"gemma3-{size}", text=PRESETS[f"gemma3-{size}"], vision=SIGLIP_SO400M)
+    for size in ("4b", "12b", "27b")] + [
+    # Tiny configs for tests, 16 soft tokens per image. "tiny-vision": 512-token vocabulary, so the
+    # image marker ids are small. "tiny-vision-262k": the real 262,208-row vocabulary and the real
+    # ids, for end-to-end tests with the real tokenizer.
+    Gemma3MultimodalConfig(name="tiny-vision", text=PRESETS["tiny"].replace(name="tiny-vision"),
+                           vision=TINY_SIGLIP, mm_tokens_per_image=16, boi_token_id=500,
+                           eoi_token_id=501, image_token_id=502),
+    Gemma3MultimodalConfig(name="tiny-vision-262k",
+                           text=PRESETS["tiny"].replace(name="tiny-vision-262k", vocab_size=262_208),
+                           vision=TINY_SIGLIP, mm_tokens_per_image=16),
+]}
+
+
+def get_multimodal_config(name: str) -> Gemma3MultimodalConfig:
+    """A multimodal preset ('gemma3-4b' or '4b', 'gemma3-12b', 'gemma3-27b', tiny ones for tests)."""
+    key = name.lower()
+    if key not in MULTIMODAL_PRESETS and f"gemma3-{key}" in MULTIMODAL_PRESETS:
+        key = f"gemma3-{key}"
+    if key not in MULTIMODAL_PRESETS:
+        raise ValueError(f"unknown multimodal preset {name!r}; valid presets: "
+                         f"{', '.join(MULTIMODAL_PRESETS)}")
+    return MULTIMODAL_PRESETS[key]

@@ -95,14 +95,39 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, pos
 
 
+def chunk_bounds(T: int, chunk_size: int, image_groups: torch.Tensor | None = None
+                 ) -> list[tuple[int, int]]:
+    """Column ranges [s, e) of about chunk_size columns covering [0, T). With image_groups (B, T),
+    a chunk is extended until it does not end inside an image in any row: the soft tokens of an
+    image attend to each other in both directions, so all of them must be in one forward call
+    (spec 2.2; llama.cpp needs n_ubatch to hold a whole image for the same reason)."""
+    bounds, s = [], 0
+    while s < T:
+        e = min(s + chunk_size, T)
+        if image_groups is not None:
+            while e < T and bool(((image_groups[:, e - 1] >= 0) &
+                                  (image_groups[:, e] == image_groups[:, e - 1])).any()):
+                e += 1
+        bounds.append((s, e))
+        s = e
+    return bounds
+
+
 @torch.inference_mode()
 def prefill(model: Gemma3, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor,
-            chunk_size: int = 512) -> torch.Tensor:
-    """Run the prompt through the model in chunks of columns; return last-position logits (B, V)."""
+            chunk_size: int = 512, inputs_embeds: torch.Tensor | None = None,
+            image_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt through the model in chunks of columns; return last-position logits (B, V).
+
+    inputs_embeds (B, T, d) and image_groups (B, T), for prompts with images, go to the model with
+    the ids (see model/multimodal.py); chunks then never split an image.
+    """
     logits = None
-    for s in range(0, ids.shape[1], chunk_size):
-        logits = model(ids[:, s:s + chunk_size], positions[:, s:s + chunk_size], cache,
-                       last_only=True)
+    for s, e in chunk_bounds(ids.shape[1], chunk_size, image_groups):
+        extra = {}
+        if inputs_embeds is not None:
+            extra = dict(inputs_embeds=inputs_embeds[:, s:e], image_groups=image_groups[:, s:e])
+        logits = model(ids[:, s:e], positions[:, s:e], cache, last_only=True, **extra)
     return logits[:, -1]
 
 
@@ -116,7 +141,9 @@ def decode_step(model: Gemma3, cache: KVCache, tokens: torch.Tensor, positions: 
 def generate_steps(model: Gemma3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    params: SamplingParams, stop_ids: Sequence[int] = (), pad_id: int = 0,
                    chunk_size: int = 512, stats: dict | None = None, lookup: int = 0,
-                   lookup_ngram: int = 3) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   lookup_ngram: int = 3, inputs_embeds: Sequence[torch.Tensor] | None = None,
+                   image_groups: Sequence[torch.Tensor] | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per generated position.
 
     A row that produced a stop token is marked finished from that step on; its later tokens are
@@ -128,8 +155,13 @@ def generate_steps(model: Gemma3, prompts: Sequence[Sequence[int]], max_new_toke
     greedy decoding; sampled output follows exactly the same distribution (a draft token d is kept
     with probability p(d), a rejected position samples from p without d). Acceptance counts go to
     `stats` (drafted, accepted, verify_steps).
+
+    Prompts with images also give, per prompt, inputs_embeds (T_i, d) and image_groups (T_i,)
+    (Gemma3Multimodal.embed and model.multimodal.image_groups); generated tokens are text.
     """
     if lookup:
+        if inputs_embeds is not None:
+            raise ValueError("prompt-lookup decoding takes text prompts (no images)")
         if len(prompts) != 1:
             raise ValueError("prompt-lookup decoding runs one prompt at a time")
         yield from _lookup_steps(model, list(prompts[0]), max_new_tokens, params, stop_ids,
@@ -155,9 +187,14 @@ def generate_steps(model: Gemma3, prompts: Sequence[Sequence[int]], max_new_toke
     t0 = time.perf_counter()
     # Each prompt is prefilled into its own row, unpadded: a row then computes exactly what it
     # would alone, and the rows decode together, each at its own position.
-    logits = torch.cat([prefill(model, cache.rows(b, b + 1), torch.tensor([p], device=device),
-                                torch.arange(len(p), device=device)[None], chunk_size)
-                        for b, p in enumerate(prompts)])
+    logits = []
+    for b, p in enumerate(prompts):
+        vision = (None, None)
+        if inputs_embeds is not None:
+            vision = (inputs_embeds[b][None].to(device), image_groups[b][None].to(device))
+        logits.append(prefill(model, cache.rows(b, b + 1), torch.tensor([p], device=device),
+                              torch.arange(len(p), device=device)[None], chunk_size, *vision))
+    logits = torch.cat(logits)
     t1 = time.perf_counter()
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
     steps = 0

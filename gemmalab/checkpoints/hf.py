@@ -6,6 +6,11 @@ part of Gemma3ForConditionalGeneration (`model.language_model.layers...` in tran
 `language_model.model.layers...` before). Both config dialects are read: transformers 4.5x
 (`rope_theta`, `rope_local_base_freq`, `rope_scaling` for global layers) and 5.x (`rope_parameters`
 per layer type). Spec 1.4 and 10.17.
+
+Gemma3ForConditionalGeneration directories also load whole (`read_hf_dir(path, vision=True)`): the
+SigLIP tower (`vision_tower.vision_model.*` on the hub, `model.vision_tower.vision_model.*` from
+transformers 4.52-4.5x, `vision_tower.*` from 5.x) and the projector (`model.multi_modal_projector.*`) go to the multimodal model (model/multimodal.py),
+the text part under `language_model.`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import FULL, SLIDING, Gemma3Config, layer_pattern
+from ..config import (FULL, SLIDING, Gemma3Config, Gemma3MultimodalConfig, SiglipVisionConfig,
+                      layer_pattern)
 from .errors import CheckpointError
 
 # transformers' Gemma3TextConfig defaults, used where a (multimodal) config.json leaves a field out
@@ -27,6 +33,15 @@ _HF_GEMMA2_DEFAULTS = dict(_HF_GEMMA3_DEFAULTS, vocab_size=256_000, max_position
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _SKIP_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.",
                   "multi_modal_projector.", "lm_head.", "language_model.lm_head.")
+# hub checkpoints: `vision_tower.vision_model.`; transformers 4.52-4.5x: `model.vision_tower.vision_model.`;
+# transformers 5.x save_pretrained: `vision_tower.` (longest prefix first)
+_VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.",
+                    "model.vision_tower.", "vision_tower.")
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+# transformers' SiglipVisionConfig defaults, used where a vision_config leaves a field out
+_HF_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                           layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 
 
 def config_from_hf(d: dict, name: str = "hf") -> Gemma3Config:
@@ -117,8 +132,56 @@ def config_to_hf(c: Gemma3Config) -> dict:
                                                        "rope_theta": c.rope_local_base_freq}})
 
 
-def read_hf_dir(path: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
-    """Config and text-model tensors (memory-mapped safetensors) under our parameter names."""
+def multimodal_config_from_hf(d: dict, name: str = "hf") -> Gemma3MultimodalConfig | None:
+    """Our multimodal config from a Gemma3ForConditionalGeneration config.json; None without a
+    vision_config (a text-only model)."""
+    v = d.get("vision_config")
+    if not v:
+        return None
+    if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise CheckpointError(f"vision_config has model_type {v.get('model_type')!r}; Gemma 3 uses "
+                              "'siglip_vision_model'")
+    g = dict(_HF_SIGLIP_DEFAULTS)
+    g.update({k: x for k, x in v.items() if x is not None})
+    if g["hidden_act"] != "gelu_pytorch_tanh":
+        raise CheckpointError(f"vision hidden_act {g['hidden_act']!r} is not supported "
+                              "(Gemma 3's SigLIP uses 'gelu_pytorch_tanh')")
+    vision = SiglipVisionConfig(
+        name=f"{name}-vision", **{k: g[k] for k in ("hidden_size", "intermediate_size",
+                                                    "num_hidden_layers", "num_attention_heads",
+                                                    "num_channels", "image_size", "patch_size",
+                                                    "layer_norm_eps")})
+
+    def pick(*keys, default):
+        return next((d[k] for k in keys if d.get(k) is not None), default)
+
+    try:
+        return Gemma3MultimodalConfig(
+            name=name, text=config_from_hf(d, name), vision=vision,
+            mm_tokens_per_image=pick("mm_tokens_per_image", default=256),
+            boi_token_id=pick("boi_token_index", "boi_token_id", default=255_999),
+            eoi_token_id=pick("eoi_token_index", "eoi_token_id", default=256_000),
+            image_token_id=pick("image_token_index", "image_token_id", default=262_144))
+    except ValueError as e:
+        raise CheckpointError(f"unsupported multimodal config: {e}") from e
+
+
+def has_vision(path: str | Path) -> bool:
+    """Whether a Hugging Face directory's config.json describes a vision encoder."""
+    try:
+        return bool(json.loads((Path(path) / "config.json").read_text()).get("vision_config"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_hf_dir(path: str | Path, vision: bool = False
+                ) -> tuple[Gemma3Config | Gemma3MultimodalConfig, dict[str, torch.Tensor]]:
+    """Config and tensors (memory-mapped safetensors) under our parameter names.
+
+    By default the text model only (a Gemma3Config, text names). With `vision=True`, a directory
+    that has a vision tower gives a Gemma3MultimodalConfig and the names of model/multimodal.py
+    (`language_model.*`, `vision_tower.*`, `multi_modal_projector.*`).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -126,7 +189,9 @@ def read_hf_dir(path: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor]
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; a Hugging Face model directory needs one")
     try:
-        config = config_from_hf(json.loads(cfg_file.read_text()), name=path.name)
+        raw = json.loads(cfg_file.read_text())
+        config = config_from_hf(raw, name=path.name)
+        mm = multimodal_config_from_hf(raw, name=path.name) if vision else None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{cfg_file} is not a valid Gemma config: {e}") from e
     files = _weight_files(path)
@@ -136,11 +201,32 @@ def read_hf_dir(path: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor]
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     ours = hf_to_ours(key)
+                    if mm is not None:
+                        ours = "language_model." + ours if ours is not None else hf_vision_to_ours(key)
                     if ours is not None:
                         tensors[ours] = st.get_tensor(key)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"cannot read {f}: {e}") from e
-    return config, tensors
+    return mm or config, tensors
+
+
+def hf_vision_to_ours(key: str) -> str | None:
+    """`vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight` ->
+    `vision_tower.layers.0.mlp.fc1.weight`; projector names keep theirs; the SigLIP pooling head
+    (unused by Gemma 3) and text names give None."""
+    for prefix in _VISION_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            if rest.startswith("head."):
+                return None
+            for part in ("embeddings.", "encoder."):
+                if rest.startswith(part):
+                    rest = rest[len(part):]
+            return "vision_tower." + rest
+    for prefix in _PROJECTOR_PREFIXES:
+        if key.startswith(prefix):
+            return "multi_modal_projector." + key[len(prefix):]
+    return None
 
 
 def hf_to_ours(key: str) -> str | None:

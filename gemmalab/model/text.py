@@ -52,17 +52,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
-                    segments: torch.Tensor | None = None) -> torch.Tensor:
+                    segments: torch.Tensor | None = None,
+                    image_groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, S): True where query position q may see key position k.
 
     Causal: 0 <= k <= q. Sliding window: also k > q - W, so exactly W keys including the query itself.
     `segments` (B, T), for packed training sequences without a cache: a query sees only keys of its
     own document (positions restart at 0 in each document).
+    `image_groups` (query groups (B, T), key groups (B, S)): the soft tokens of one image (same group
+    id >= 0; -1 for text) also see each other's later tokens (spec 2.2). Like transformers
+    (`create_masks_for_vision_model`), local layers AND this with the window k > q - W; JAX also
+    requires k < q + W, which differs only for images longer than the window (never for real
+    models: 256 soft tokens, W = 1024).
     A row that sees nothing (a padding query) is opened to all keys so softmax stays finite; its
     output is never read by real tokens because padding keys are invisible to them.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
     visible = (k >= 0) & (k <= q)
+    if image_groups is not None:
+        q_group, k_group = image_groups[0][:, :, None], image_groups[1][:, None, :]
+        visible |= (q_group == k_group) & (q_group >= 0) & (k >= 0)
     if window is not None:
         visible &= k > q - window
     if segments is not None:
@@ -177,15 +186,22 @@ class Gemma3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None,
+                image_groups: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only.
 
         positions: (B, T) absolute positions, -1 marks padding (left-padded batches). Defaults to
         consecutive positions continuing the cache. With a cache, the tokens are appended to it.
         segment_ids: (B, T) document ids of packed sequences (no cache): attention stays within a
         document; give positions restarting at 0 for each document.
+        inputs_embeds, image_groups: for images (model/multimodal.py). inputs_embeds (B, T, d)
+        replace the (scaled) token embeddings; image_groups (B, T) number each image's soft tokens
+        (-1 for text) for bidirectional attention inside an image. All soft tokens of an image must
+        be in the same call.
         """
-        h = self.hidden_states(input_ids, positions, cache, segment_ids)
+        h = self.hidden_states(input_ids, positions, cache, segment_ids,
+                               inputs_embeds=inputs_embeds, image_groups=image_groups)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
@@ -215,24 +231,26 @@ class Gemma3(nn.Module):
         return torch.cat([self(tokens[i:i + 1, None], positions[i:i + 1, None], cache.rows(r, r + 1))[:, -1]
                           for i, r in enumerate(rows)])
 
-    def hidden_states(self, input_ids, positions=None, cache=None, segment_ids=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, positions=None, cache=None, segment_ids=None, *,
+                      inputs_embeds=None, image_groups=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): what the LM head (or a chunked loss) consumes."""
         c = self.config
         B, T = input_ids.shape
         if positions is None:
             start = cache.step if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids)  # (B, T, d)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         rope_local = rope_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, x.dtype)
         rope_global = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, x.dtype)
         write = None
         if cache is None:
-            mask_global = visibility_mask(positions, positions, None, segment_ids)
-            mask_local = visibility_mask(positions, positions, c.sliding_window, segment_ids)
+            groups = None if image_groups is None else (image_groups, image_groups)
+            mask_global = visibility_mask(positions, positions, None, segment_ids, groups)
+            mask_local = visibility_mask(positions, positions, c.sliding_window, segment_ids, groups)
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed documents) are for cache-free forward passes")
-            mask_global, mask_local, write = self._prepare_cache(cache, positions)
+            mask_global, mask_local, write = self._prepare_cache(cache, positions, image_groups)
         for i, layer in enumerate(self.layers):
             is_global = layer.layer_type == FULL
             args = (x, rope_global if is_global else rope_local,
@@ -244,7 +262,8 @@ class Gemma3(nn.Module):
                 x = layer(*args, cache.layers[i] if cache is not None else None, write)
         return self.norm(x)
 
-    def _prepare_cache(self, cache: KVCache, positions: torch.Tensor):
+    def _prepare_cache(self, cache: KVCache, positions: torch.Tensor,
+                       image_groups: torch.Tensor | None = None):
         """Record the new positions, build both masks once, and return the per-layer write function.
 
         One token per row: each row writes its own next column (rows may differ in length: continuous
@@ -254,6 +273,7 @@ class Gemma3(nn.Module):
         A chunk of T > 1 tokens (rows of equal length): global layers write columns [s0, s1) and attend
         over [0, s1); local layers attend over [ring before the write, chunk] so that no key the chunk
         needs is overwritten, then its last min(T, R) keys go in.
+        image_groups (B, T): images lie whole inside a chunk, so cached keys get group -1.
         """
         B, T = positions.shape
         W, R = self.config.sliding_window, cache.ring_slots
@@ -286,10 +306,16 @@ class Gemma3(nn.Module):
             raise ValueError(f"the cache holds {cache.max_len} positions; cannot append {T} tokens "
                              f"after {s0}")
         cache.full_pos[:, s0:s1] = positions
-        mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None)
+        groups_global = groups_local = None
+        if image_groups is not None and T > 1:
+            groups_global = (image_groups, F.pad(image_groups, (s0, 0), value=-1))
+            groups_local = (image_groups, F.pad(image_groups, (R, 0), value=-1))
+        mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None,
+                                      image_groups=groups_global)
         keep = min(T, R)
         ring_slots = torch.arange(s1 - keep, s1, device=positions.device) % R
-        mask_local = visibility_mask(positions, torch.cat([cache.ring_pos, positions], 1), W)
+        mask_local = visibility_mask(positions, torch.cat([cache.ring_pos, positions], 1), W,
+                                     image_groups=groups_local)
         cache.ring_pos[:, ring_slots] = positions[:, T - keep:]
         cache.lengths += T
 
