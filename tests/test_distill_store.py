@@ -22,7 +22,11 @@ from .distill_helpers import text_data, tiny_teacher_gguf
 from .test_export import tiny_tokenizer
 
 CLI = [sys.executable, "-m", "gemmalab"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# Subprocesses import this checkout's gemmalab whatever their working directory or script location
+# (an editable install elsewhere, e.g. another worktree, would otherwise win for scripts in tmp dirs).
+REPO = str(Path(gemmalab.__file__).resolve().parents[1])
+ENV = dict(os.environ, OMP_NUM_THREADS="1",
+           PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +126,7 @@ def _manifest_sans_timing(out: Path) -> dict:
 
 def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     root, teacher, _, _ = setup
-    data = text_data(tmp_path / "big.jsonl", 150, seed=3)
+    data = text_data(tmp_path / "big.jsonl", 100, seed=3)
     a, b = tmp_path / "a", tmp_path / "b"
     args = ("--rows-per-shard", "2")
     assert subprocess.run(cache_cmd(teacher, data, a, *args, "--no-progress"), capture_output=True,
