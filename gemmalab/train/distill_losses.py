@@ -172,11 +172,37 @@ def _softcap_grad(g: Tensor, th: Tensor | None) -> Tensor:
     return g if th is None else g.mul_(th.square_().neg_().add_(1.0))  # d cap*tanh(z/cap)/dz
 
 
+def _entries_by_chunk(ids: Tensor, w: Tensor, n_tokens: int, token_chunk: int, vocab_chunk: int):
+    """The sparse entries grouped by (vocabulary chunk, token chunk), computed once per call.
+
+    Returns (rows, local ids, weights, offsets): entries of block (c, t) are [offsets[c*T + t],
+    offsets[c*T + t + 1]) of the flat arrays, with rows relative to the token chunk. Walking the
+    chunks then costs a slice and three small ops instead of masks over all (n, K) entries per chunk.
+    """
+    K = ids.shape[1]
+    keep = (ids >= 0) & (w != 0)
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    rows = flat // K
+    idv = ids.reshape(-1)[flat]
+    n_tc = (n_tokens + token_chunk - 1) // token_chunk
+    key = (idv // vocab_chunk) * n_tc + rows // token_chunk
+    if key.device.type == "cpu":  # numpy's single-threaded sort: torch's is ~100x slower on busy cores
+        import numpy as np
+        order = torch.from_numpy(np.argsort(key.numpy(), kind="stable"))
+    else:
+        order = key.argsort(stable=True)
+    rows, idv, wv, key = rows[order], idv[order], w.reshape(-1)[flat][order], key[order]
+    n_vc = max(1, int(idv.max()) // vocab_chunk + 1) if idv.numel() else 1
+    counts = torch.bincount(key, minlength=n_vc * n_tc)
+    offsets = [0] + torch.cumsum(counts, 0).tolist()
+    return rows - (rows // token_chunk) * token_chunk, idv % vocab_chunk, wv, offsets, n_tc
+
+
 class _SparseTargetCE(torch.autograd.Function):
     """sum_i sum_k w_ik (lse_i - z_i,id_ik) with lse over the full vocabulary, in vocabulary chunks.
 
-    The sampled logits come out of the same chunk loop as the logsumexp (a gather in the chunk that
-    holds each id), so the sparse target costs no extra matmul over plain cross-entropy.
+    The sampled logits come out of the same chunk loop as the logsumexp (each entry is read from the
+    chunk that holds its id), so the sparse target costs no extra matmul over plain cross-entropy.
     """
 
     @staticmethod
@@ -184,20 +210,22 @@ class _SparseTargetCE(torch.autograd.Function):
         n, V = rows.numel(), weight.shape[0]
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         picked = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        e_rows, e_loc, e_w, offsets, n_tc = _entries_by_chunk(ids, w, n, token_chunk, vocab_chunk)
         buf = _workspace(min(n, token_chunk), min(V, vocab_chunk), hidden)
-        for v0 in range(0, V, vocab_chunk):
+        for c, v0 in enumerate(range(0, V, vocab_chunk)):
             wc = weight[v0:v0 + vocab_chunk].float()  # (v, d)
             v = wc.shape[0]
-            for n0 in range(0, n, token_chunk):
+            for t, n0 in enumerate(range(0, n, token_chunk)):
                 sl = slice(n0, n0 + token_chunk)
                 h = hidden.index_select(0, rows[sl]).float()  # (n, d)
                 logits = torch.mm(h, wc.t(), out=_chunk(buf, h.shape[0], v))  # (n, v)
                 if softcap is not None:
                     logits.div_(softcap).tanh_().mul_(softcap)
-                local = ids[sl] - v0
-                inside = (local >= 0) & (local < v)
-                z = logits.gather(1, local.clamp(0, v - 1))  # (n, K)
-                picked[sl] += torch.where(inside, z * w[sl], 0.0).sum(1)
+                b = c * n_tc + t
+                if b + 1 < len(offsets) and offsets[b + 1] > offsets[b]:
+                    a, e = offsets[b], offsets[b + 1]
+                    r = e_rows[a:e]
+                    picked[sl].index_add_(0, r, logits[r, e_loc[a:e]] * e_w[a:e])
                 m = logits.amax(dim=-1)
                 chunk_lse = logits.sub_(m[:, None]).exp_().sum(dim=-1).log_().add_(m)
                 lse[sl] = torch.logaddexp(lse[sl], chunk_lse)
@@ -212,16 +240,17 @@ class _SparseTargetCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, V = rows.numel(), weight.shape[0]
         wsum = w.sum(1)
+        e_rows, e_loc, e_w, offsets, n_tc = _entries_by_chunk(ids, w, n, tc, vc)
         scale = grad_out.float()
         grad_h = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         buf = _workspace(min(n, tc), min(V, vc), hidden)
         buf2 = _workspace(min(n, tc), min(V, vc), hidden) if cap is not None else None
-        for v0 in range(0, V, vc):
+        for c, v0 in enumerate(range(0, V, vc)):
             wc = weight[v0:v0 + vc].float()
             v = wc.shape[0]
             gw = torch.zeros_like(wc) if need_w else None
-            for n0 in range(0, n, tc):
+            for t, n0 in enumerate(range(0, n, tc)):
                 sl = slice(n0, n0 + tc)
                 h = hidden.index_select(0, rows[sl]).float()
                 z = torch.mm(h, wc.t(), out=_chunk(buf, h.shape[0], v))
@@ -231,9 +260,10 @@ class _SparseTargetCE(torch.autograd.Function):
                 else:
                     th, g = None, z
                 g.sub_(lse[sl, None]).exp_().mul_(wsum[sl, None])  # (sum_k w_k) * softmax
-                local = ids[sl] - v0
-                inside = (local >= 0) & (local < v)
-                g.scatter_add_(1, local.clamp(0, v - 1), torch.where(inside, -w[sl], 0.0))
+                b = c * n_tc + t
+                if b + 1 < len(offsets) and offsets[b + 1] > offsets[b]:
+                    a, e = offsets[b], offsets[b + 1]
+                    g.index_put_((e_rows[a:e], e_loc[a:e]), -e_w[a:e], accumulate=True)
                 g.mul_(scale)
                 _softcap_grad(g, th)
                 if need_h:
