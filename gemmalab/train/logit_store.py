@@ -36,6 +36,7 @@ for those who want the report's layout.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -251,6 +252,10 @@ def build_store(out: str | Path, data, *, teacher: str | Path | None = None, k: 
     if prob_dtype not in ("float16", "bfloat16"):
         raise StoreError(f"--prob-dtype must be float16 or bfloat16, not {prob_dtype!r}")
     out = Path(out)
+    if out.exists() and not (out / MANIFEST).exists() and any(
+            not p.name.startswith(".") for p in out.iterdir()):  # our lock and temp files start with "."
+        raise StoreError(f"{out} exists and is not a teacher-logit store (no {MANIFEST}); "
+                         "choose a new --out")
     teacher_path = resolve_teacher(teacher)
     files = resolve_files(data)
     t_start = time.perf_counter()
@@ -271,6 +276,37 @@ def build_store(out: str | Path, data, *, teacher: str | Path | None = None, k: 
     dataset = PackedDataset(files, tokenizer, seq_len, 1, seed=seed, epochs=1,
                             shuffle_buffer=shuffle_buffer, train_on=train_on)
 
+    out.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(out):
+        return _build(out, dataset, model, teacher_path, teacher_id, tok_id, targets_cfg, data_cfg,
+                      fingerprint, files, tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens,
+                      rows_per_shard, progress, log, t_start)
+
+
+@contextlib.contextmanager
+def _writer_lock(out: Path):
+    """One writer per store: an exclusive lock on DIR/.lock for the duration of the run. Temporary
+    files left by a killed writer (named after its pid) are removed once the lock is ours."""
+    import fcntl
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StoreError(f"another `gemmalab distill cache` is writing to {out}; wait for it to finish "
+                         "(one writer per store)") from None
+    try:
+        for stale in out.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _build(out, dataset, model, teacher_path, teacher_id, tok_id, targets_cfg, data_cfg, fingerprint,
+           files, tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens, rows_per_shard, progress,
+           log, t_start) -> dict:
     manifest = _load_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         _check_same_build(out, manifest, teacher_id, tok_id, targets_cfg, data_cfg)
@@ -278,10 +314,6 @@ def build_store(out: str | Path, data, *, teacher: str | Path | None = None, k: 
         log(f"resuming {out}: {len(manifest['shards'])} shards, {manifest['totals']['targets']:,} "
             f"target tokens already stored")
     else:
-        if out.exists() and any(out.iterdir()):
-            raise StoreError(f"{out} exists and is not a teacher-logit store (no {MANIFEST}); "
-                             "choose a new --out")
-        out.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
                     "teacher": teacher_id, "tokenizer": tok_id, "targets": targets_cfg, "data": data_cfg,
                     "position": dataset.state_dict(), "complete": False, "shards": [],
