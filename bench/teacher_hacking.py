@@ -156,7 +156,7 @@ def train_run(name, regime, teacher, init_state, pool, offline_responses, eval_b
             student.eval()
             m = evaluate(student, teacher, eval_batch, oracle_fn)
             student.train()
-            m.update(step=step, train_loss=float(loss), epoch=step * args.batch / len(pool))
+            m.update(step=step, train_loss=loss.item(), epoch=step * args.batch / len(pool))
             msg = monitor.update(step, m["proxy"])
             if msg and warning is None:
                 warning = msg
