@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import struct
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 
 from .checkpoint import _fsync_dir, write_atomic
-from .teacher import SAMPLINGS, head_logits, teacher_targets
+from .teacher import SAMPLINGS, teacher_targets
 
 __all__ = ["StoreError", "build_store", "LogitStore", "StoreDataset", "tokenizer_identity",
            "model_identity", "write_shard", "read_shard"]
@@ -278,9 +277,9 @@ def build_store(out: str | Path, data, *, teacher: str | Path | None = None, k: 
 
     out.mkdir(parents=True, exist_ok=True)
     with _writer_lock(out):
-        return _build(out, dataset, model, teacher_path, teacher_id, tok_id, targets_cfg, data_cfg,
-                      fingerprint, files, tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens,
-                      rows_per_shard, progress, log, t_start)
+        return _build(out, dataset, model, teacher_id, tok_id, targets_cfg, data_cfg, fingerprint, files,
+                      tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens, rows_per_shard,
+                      progress, log, t_start)
 
 
 @contextlib.contextmanager
@@ -304,9 +303,9 @@ def _writer_lock(out: Path):
         f.close()
 
 
-def _build(out, dataset, model, teacher_path, teacher_id, tok_id, targets_cfg, data_cfg, fingerprint,
-           files, tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens, rows_per_shard, progress,
-           log, t_start) -> dict:
+def _build(out, dataset, model, teacher_id, tok_id, targets_cfg, data_cfg, fingerprint, files, tokenizer,
+           seq_len, seed, shuffle_buffer, train_on, max_tokens, rows_per_shard, progress, log, t_start) -> dict:
+    """The cache loop of `build_store`, under the writer lock."""
     manifest = _load_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         _check_same_build(out, manifest, teacher_id, tok_id, targets_cfg, data_cfg)
