@@ -7,6 +7,10 @@ gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache
 gemmalab export SRC --to {hf,gguf} OUT [--dtype D] [--overwrite]
                                 write a model as a Hugging Face directory or a GGUF file
 gemmalab train sft CONFIG       fine-tune (TOML/YAML config, section.key=value overrides, --resume)
+gemmalab train distill CONFIG   distil a student from a teacher-logit store or an online teacher
+gemmalab distill cache --data DATA --out DIR [--teacher MODEL] [--k 256] [--temperature T] ...
+                                run the teacher once and store K sampled ids + probabilities per token
+gemmalab distill inspect DIR    describe a teacher-logit store and verify its shards
 gemmalab plot RUN_DIR           PNG curves of a training run
 
 Errors a user can cause (wrong path, corrupt file, prompt too long, bad flag values) print one line
@@ -180,6 +184,49 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("overrides", nargs="*", help="section.key=value")
     sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dst = recipes.add_parser("distill", help="distillation from a teacher-logit store or an online teacher",
+                             description="Fields of CONFIG (TOML/YAML) can be overridden as "
+                                         "section.key=value, e.g. distill.loss=full run.steps=100.")
+    dst.add_argument("config", help="TOML or YAML config file")
+    dst.add_argument("overrides", nargs="*", help="section.key=value")
+    dst.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    dst.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    dc = sub.add_parser("distill", help="teacher-logit stores for distillation (cache, inspect)")
+    tools = dc.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    ca = tools.add_parser(
+        "cache", help="run the teacher over data and store K sampled ids + probabilities per token",
+        description="Runs the teacher over packed rows of DATA and writes, for every target position, "
+                    "K token ids sampled from the teacher (Gemma 3: 256, with replacement) with their "
+                    "16-bit probabilities, in sharded files. Rerun the same command to resume after an "
+                    "interruption or to append after --max-tokens.")
+    ca.add_argument("--teacher", default=None,
+                    help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M)")
+    ca.add_argument("--data", required=True, nargs="+", help="JSONL / Parquet files, directories or globs")
+    ca.add_argument("--out", required=True, help="store directory (created, or resumed)")
+    ca.add_argument("--k", type=_positive_int, default=256, help="ids per position (default 256)")
+    ca.add_argument("--temperature", type=_float_in(0.0, 100.0, lo_open=True), default=1.0,
+                    help="teacher temperature of the stored distribution (default 1)")
+    ca.add_argument("--sampling", choices=["sample", "topk"], default="sample",
+                    help="sample from the teacher (default) or keep its top k")
+    ca.add_argument("--replacement", action=argparse.BooleanOptionalAction, default=True,
+                    help="sample with replacement, storing counts (default), or without")
+    ca.add_argument("--seq-len", type=_positive_int, default=1024, help="packed row length (default 1024)")
+    ca.add_argument("--train-on", choices=["all", "model"], default="all",
+                    help="targets: every token (pre-training text, default) or model turns only")
+    ca.add_argument("--seed", type=_int, default=0, help="data shuffling and sampling seed")
+    ca.add_argument("--max-tokens", type=_positive_int, default=None,
+                    help="stop after this many target tokens (rerun with more to append)")
+    ca.add_argument("--rows-per-shard", type=_positive_int, default=None,
+                    help="packed rows per shard file (default: 64, fewer with --full-logprobs)")
+    ca.add_argument("--full-logprobs", action="store_true",
+                    help="also store the full fp16 log-probabilities (V x 2 bytes per token; a reference "
+                         "for full-vocabulary KD and KL evaluation)")
+    ca.add_argument("--prob-dtype", choices=["float16", "bfloat16"], default="float16")
+    ca.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the teacher")
+    ca.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ins = tools.add_parser("inspect", help="describe a store and verify every shard's checksum")
+    ins.add_argument("store")
 
     pl = sub.add_parser("plot", help="write PNG curves of a training run")
     pl.add_argument("run_dir")
@@ -391,6 +438,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.recipe == "distill":
+        from .train.config import load_distill_config
+        from .train.distill import train_distill
+
+        cfg = load_distill_config(args.config, args.overrides)
+        last = train_distill(cfg, resume=args.resume, progress=not args.no_progress)
+        if last:
+            evals = "".join(f", {k} {last[k]:.4f}" for k in ("eval_ce", "eval_kl") if k in last)
+            print(f"step {last['step']}: loss {last['loss']:.4f}{evals}; checkpoints in {cfg.run.out_dir}")
+        return 0
     from .train.config import load_config
     from .train.sft import train_sft
 
@@ -398,6 +455,30 @@ def cmd_train(args) -> int:
     last = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {cfg.run.out_dir}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .train.logit_store import LogitStore, build_store
+
+    if args.tool == "inspect":
+        store = LogitStore(args.store, verify=True)
+        for i in range(len(store.shards)):
+            store.shard(i)  # checks fingerprint, sha256 and shapes
+        print(store.describe())
+        print(f"all {len(store.shards)} shards verified (sha256)")
+        return 0
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampling = "topk" if args.sampling == "topk" else (
+        "with_replacement" if args.replacement else "without_replacement")
+    build_store(args.out, args.data, teacher=args.teacher, k=args.k, temperature=args.temperature,
+                sampling=sampling, seq_len=args.seq_len, train_on=args.train_on, seed=args.seed,
+                max_tokens=args.max_tokens, rows_per_shard=args.rows_per_shard,
+                full_logprobs=args.full_logprobs, prob_dtype=args.prob_dtype,
+                progress=not args.no_progress)
     return 0
 
 
@@ -444,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
-               "plot": cmd_plot, "export": cmd_export, "serve": cmd_serve}[args.command]
+               "plot": cmd_plot, "export": cmd_export, "serve": cmd_serve,
+               "distill": cmd_distill}[args.command]
     try:
         return handler(args)
     except (CheckpointError, ValueError, OSError, KernelsUnavailable, ImportError) as e:

@@ -110,8 +110,9 @@ class MetricsLog:
 
     FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s")
 
-    def __init__(self, path: Path, truncate_after: int | None = None):
+    def __init__(self, path: Path, truncate_after: int | None = None, fields: tuple[str, ...] = FIELDS):
         self.path = Path(path)
+        self.fields = tuple(fields)
         self.csv = self.path.with_suffix(".csv")
         rows = []
         if self.path.exists():
@@ -128,8 +129,8 @@ class MetricsLog:
 
     def _csv_line(self, row: dict | None) -> str:
         if row is None:
-            return ",".join(self.FIELDS) + "\n"
-        return ",".join(repr(row.get(k, "")) for k in self.FIELDS) + "\n"
+            return ",".join(self.fields) + "\n"
+        return ",".join(repr(row.get(k, "")) for k in self.fields) + "\n"
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -137,7 +138,7 @@ class MetricsLog:
         with open(self.csv, "a") as f:
             f.write(self._csv_line(row))
         if self.tb is not None:
-            for key in self.FIELDS[1:]:
+            for key in self.fields[1:]:
                 if key in row:
                     self.tb.add_scalar(f"train/{key}", row[key], row["step"])
             self.tb.flush()

@@ -21,6 +21,7 @@ class ModelConfig:
     path: str | None = None  # GGUF or HF directory; None = the embedded 270M (unless preset is set)
     preset: str | None = None  # random init from a named preset (tests, from-scratch runs)
     tokenizer: str | None = None  # tokenizer source for a preset model (GGUF file or HF directory)
+    arch: dict = field(default_factory=dict)  # Gemma3Config fields replacing the preset's (hidden_size, ...)
     dtype: str = "float32"  # parameter (master weight) dtype
     autocast: str = "auto"  # "auto": bf16 autocast on GPU, none on CPU (no fast bf16); "bfloat16"; "none"
     activation_checkpointing: bool = False
@@ -74,6 +75,44 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistillSection:
+    """What the student learns from. See gemmalab/train/distill.py and docs/distillation.md."""
+    mode: str = "offline"  # "offline": targets from a teacher-logit store; "online": teacher in the loop
+    store: str | None = None  # offline: the store directory (gemmalab distill cache)
+    teacher: str | None = None  # online: GGUF / HF directory (None = the embedded 270M); offline: if set,
+    #                             the store must have been made by this teacher
+    loss: str = "sampled"  # "sampled" (Gemma 3), "topk", "full" (forward KL), "ce" (next token only)
+    k: int = 256  # online: ids sampled (or top-k) per position; offline: the store's K
+    temperature: float = 1.0  # online: teacher temperature (offline: fixed when the store was built)
+    sampling: str = "with_replacement"  # online "sampled": "with_replacement" or "without_replacement"
+    weighting: str = "renormalized"  # "renormalized" (Gemma 3) or "importance" (unbiased, counts / K)
+    normalizer: str = "vocab"  # student log-softmax over the "vocab" or over the "sampled" set
+    hard_weight: float = 0.0  # alpha in alpha * CE(next token) + (1 - alpha) * distillation
+
+
+@dataclass
+class EvalConfig:
+    store: str | None = None  # held-out teacher-logit store; with --full-logprobs it gives the KL
+    every: int = 0  # evaluate every N steps (and at the end); 0 = only at the end, if a store is set
+    max_rows: int = 0  # rows of the store to evaluate on; 0 = all
+    batch_size: int = 4
+
+
+@dataclass
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_on="all"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill"))
+    distill: DistillSection = field(default_factory=DistillSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,7 +173,8 @@ def build_config(raw: dict, cls=SFTConfig):
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(sections)}")
     kwargs = {}
     for name, f in sections.items():
-        sub_cls = f.default_factory().__class__
+        default = f.default_factory()  # the recipe's defaults for this section
+        sub_cls = default.__class__
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table of keys")
@@ -142,11 +182,10 @@ def build_config(raw: dict, cls=SFTConfig):
         bad = set(values) - set(valid)
         if bad:
             raise ConfigError(f"unknown key(s) {sorted(bad)} in [{name}]; valid: {sorted(valid)}")
-        default = sub_cls()
         for key, value in values.items():
             _check_type(f"{name}.{key}", getattr(default, key), value)
-        kwargs[name] = sub_cls(**{k: tuple(v) if isinstance(getattr(default, k), tuple) else v
-                                  for k, v in values.items()})
+        kwargs[name] = dataclasses.replace(default, **{
+            k: tuple(v) if isinstance(getattr(default, k), tuple) else v for k, v in values.items()})
     return cls(**kwargs)
 
 
@@ -173,3 +212,42 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> SFTConfig
     if not cfg.data.train:
         raise ConfigError("data.train lists no training files")
     return cfg
+
+
+def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, valid))}, not {value!r}")
+
+
+def check_distill_config(cfg: DistillConfig) -> DistillConfig:
+    """Refuse combinations that cannot run, with the fix in the message."""
+    d = cfg.distill
+    _one_of("distill.mode", d.mode, ("offline", "online"))
+    _one_of("distill.loss", d.loss, ("sampled", "topk", "full", "ce"))
+    _one_of("distill.sampling", d.sampling, ("with_replacement", "without_replacement"))
+    _one_of("distill.weighting", d.weighting, ("renormalized", "importance"))
+    _one_of("distill.normalizer", d.normalizer, ("vocab", "sampled"))
+    if not 0.0 <= d.hard_weight <= 1.0:
+        raise ConfigError(f"distill.hard_weight must be in [0, 1], got {d.hard_weight}")
+    if not d.temperature > 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
+    if d.k < 1:
+        raise ConfigError(f"distill.k must be >= 1, got {d.k}")
+    if d.mode == "offline":
+        if not d.store:
+            raise ConfigError("distill.mode = 'offline' reads a teacher-logit store: set distill.store "
+                              "(build one with `gemmalab distill cache`), or use distill.mode = 'online'")
+        if cfg.data.train:
+            raise ConfigError("offline distillation reads its rows from distill.store; data.train is for "
+                              "distill.mode = 'online' (remove it)")
+    else:
+        if not cfg.data.train:
+            raise ConfigError("online distillation runs the teacher on data.train: list the training files")
+        if d.weighting == "importance" and d.sampling != "with_replacement":
+            raise ConfigError("distill.weighting = 'importance' needs sampling with replacement")
+    return cfg
+
+
+def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> DistillConfig:
+    raw = read_config_file(path) if path else {}
+    return check_distill_config(build_config(apply_overrides(raw, list(overrides)), DistillConfig))

@@ -2,7 +2,8 @@
 
 Readable top to bottom. The pieces it stands on are plain functions other recipes reuse:
 `train.data` (packed batches), `train.losses` (chunked cross-entropy), `train.lora`,
-`train.checkpoint` (atomic save / exact resume).
+`train.checkpoint` (atomic save / exact resume), and here `setup_run` (threads, torchrun, device)
+and `train_loop` (the optimizer loop shared with `train.distill`).
 
 Gradient accumulation: the loss of each micro-batch is divided by the number of target tokens of
 the whole optimizer step (all micro-batches, all processes), so the accumulated gradient equals that
@@ -29,16 +30,23 @@ from .lora import apply_lora
 from .losses import chunked_cross_entropy
 
 
-def build_model_and_tokenizer(cfg: SFTConfig, device: torch.device):
-    """The model to train (fp32 master weights unless told otherwise) and its tokenizer."""
+def build_model_and_tokenizer(cfg: SFTConfig, device: torch.device, tokenizer=None):
+    """The model to train (fp32 master weights unless told otherwise) and its tokenizer.
+
+    A preset model (random init) takes `model.arch` overrides of its Gemma3Config fields and its
+    tokenizer from `model.tokenizer`, or from the `tokenizer` argument when that is not set.
+    """
     dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.arch and not cfg.model.preset:
+        raise ValueError("model.arch overrides a preset's fields; set model.preset too")
     if cfg.model.preset:
         from ..tokenizer import Tokenizer
-        if not cfg.model.tokenizer:
+        if cfg.model.tokenizer:
+            src = Path(cfg.model.tokenizer)
+            tokenizer = Tokenizer.from_hf_dir(src) if src.is_dir() else Tokenizer.from_gguf(src)
+        elif tokenizer is None:
             raise ValueError("a preset model needs model.tokenizer (a GGUF file or HF directory)")
-        src = Path(cfg.model.tokenizer)
-        tokenizer = Tokenizer.from_hf_dir(src) if src.is_dir() else Tokenizer.from_gguf(src)
-        config = get_config(cfg.model.preset)
+        config = preset_config(cfg.model.preset, cfg.model.arch)
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the preset "
                              f"{config.name} only {config.vocab_size} embedding rows")
@@ -55,6 +63,20 @@ def build_model_and_tokenizer(cfg: SFTConfig, device: torch.device):
     if cfg.lora.rank:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     return model, tokenizer
+
+
+def preset_config(preset: str, arch: dict | None = None):
+    """A named preset with some Gemma3Config fields replaced (lists become tuples, e.g. layer_types)."""
+    import dataclasses
+
+    config = get_config(preset)
+    if not arch:
+        return config
+    valid = {f.name for f in dataclasses.fields(config)}
+    bad = sorted(set(arch) - valid)
+    if bad:
+        raise ValueError(f"model.arch: unknown Gemma3Config field(s) {bad}; valid: {sorted(valid)}")
+    return config.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
 
 
 @torch.no_grad()
@@ -104,16 +126,17 @@ class LossModule(torch.nn.Module):
     Under autocast the blocks run in bf16 while the chunked loss computes in fp32 (it upcasts).
     """
 
-    def __init__(self, model: Gemma3, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: Gemma3, autocast_dtype: torch.dtype | None = None, loss_fn=None):
         super().__init__()
         self.model, self.autocast_dtype = model, autocast_dtype
+        self.loss_fn = loss_fn or micro_batch_loss  # a plain function: (model, batch, normalizer)
 
     def forward(self, batch: dict, normalizer: float) -> torch.Tensor:
         if self.autocast_dtype is None:
-            return micro_batch_loss(self.model, batch, normalizer)
+            return self.loss_fn(self.model, batch, normalizer)
         device_type = batch["input_ids"].device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype):
-            return micro_batch_loss(self.model, batch, normalizer)
+            return self.loss_fn(self.model, batch, normalizer)
 
 
 def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
@@ -148,8 +171,8 @@ def micro_batch_loss(model: Gemma3, batch: dict, normalizer: float) -> torch.Ten
                                  normalizer=normalizer)
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) an SFT job; return the last logged metrics."""
+def setup_run(cfg) -> tuple[int, int, torch.device]:
+    """Threads, the torchrun process group and the device: (rank, world size, device)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     rank, world = setup_distributed()
@@ -159,13 +182,39 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} (sequences per micro-batch, all "
                          f"processes together) must be divisible by the {world} processes")
-    out = Path(cfg.run.out_dir)
+    return rank, world, device
+
+
+def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) an SFT job; return the last logged metrics."""
+    rank, world, device = setup_run(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg, device)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     data = PackedDataset(cfg.data.train, tokenizer, cfg.data.seq_len,
                          cfg.data.batch_size, seed=cfg.run.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, train_on=cfg.data.train_on)
+    return train_loop(cfg, model, data, micro_batch_loss, rank=rank, world=world, device=device,
+                      resume=resume, progress=progress)
+
+
+def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, device: torch.device,
+               resume: bool = False, progress: bool = True, prepare=None, evaluate=None,
+               eval_every: int = 0, extra_fields: tuple[str, ...] = ()) -> dict:
+    """The optimizer loop of every recipe; returns the last logged metrics.
+
+    AdamW + warmup/cosine, `cfg.optim.grad_accum` micro-batches per step normalised by the global
+    target-token count, DistributedDataParallel under torchrun, gradient clipping, metrics
+    (JSONL/CSV/TensorBoard), atomic checkpoints every `cfg.run.save_every` steps and exact resume
+    (`data` needs `state_dict` / `load_state_dict`).
+
+    loss_fn(model, batch, normalizer) -> loss of one micro-batch (summed token losses / normalizer).
+    prepare(batch, step, micro) -> batch: runs on this process's rows after sharding, e.g. to add
+        teacher targets (online distillation); `step` is the optimizer step being computed.
+    evaluate(model) -> dict of metrics, on rank 0 every `eval_every` steps and at the end; its keys
+        (listed in `extra_fields` for the CSV) join that step's metrics row.
+    """
+    out = Path(cfg.run.out_dir)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     step, tokens_seen = 0, 0
     if resume and ckpt.latest(out) is not None:
         state = ckpt.load(ckpt.latest(out), model, optimizer, scheduler, data)
@@ -173,12 +222,13 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics_log = ckpt.MetricsLog(out / "metrics.jsonl", truncate_after=step) if rank == 0 else None
+    metrics_log = (ckpt.MetricsLog(out / "metrics.jsonl", truncate_after=step,
+                                   fields=ckpt.MetricsLog.FIELDS + tuple(extra_fields))
+                   if rank == 0 else None)
+    step_module = LossModule(model, autocast_dtype(cfg, device), loss_fn)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        step_module = DistributedDataParallel(LossModule(model, autocast_dtype(cfg, device)))
-    else:
-        step_module = LossModule(model, autocast_dtype(cfg, device))
+        step_module = DistributedDataParallel(step_module)
 
     batches = iter(data)
     bar = _progress(cfg.run.steps, step, progress and rank == 0)
@@ -186,6 +236,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     t_last, tok_last = time.perf_counter(), tokens_seen
     while step < cfg.run.steps:
         micro = [_shard(next(batches), rank, world, device) for _ in range(cfg.optim.grad_accum)]
+        if prepare is not None:
+            micro = [prepare(b, step, i) for i, b in enumerate(micro)]
         n_targets = torch.tensor(float(sum(int((b["targets"] != IGNORE_INDEX).sum())
                                            for b in micro)), device=device)
         if world > 1:
@@ -207,12 +259,16 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(n_targets.item())
-        if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+        do_eval = evaluate is not None and (step == cfg.run.steps or
+                                            (eval_every and step % eval_every == 0))
+        if step % cfg.run.log_every == 0 or step == cfg.run.steps or do_eval:
             now = time.perf_counter()
             last = dict(step=step, loss=loss_sum.item(), lr=scheduler.get_last_lr()[0],
                         grad_norm=float(grad_norm), tokens=tokens_seen,
                         tokens_per_s=(tokens_seen - tok_last) / max(1e-9, now - t_last))
-            t_last, tok_last = now, tokens_seen
+            if do_eval and rank == 0:
+                last.update(evaluate(model))
+            t_last, tok_last = time.perf_counter(), tokens_seen  # evaluation time is not training time
             if metrics_log:
                 metrics_log.write(last)
             if bar:
