@@ -87,6 +87,16 @@ def worker_gemmalab(mode: str, threads: int, out: dict) -> None:
                          drafted=spec["drafted"], accepted=spec["accepted"],
                          verify_steps=spec["verify_steps"], new_tokens=spec["new_tokens"])
     out["peak_rss"] = peak_rss()
+    head = getattr(model.embed_tokens, "head", None)
+    if head is not None:  # why batching gains little here: the LM head's cost per row at 1 and 8 rows
+        ops = torch.ops.gemmalab
+        for m in (1, 8):
+            h = torch.randn(m, model.config.hidden_size)
+            ops.qlinear(h, head.blocks, head.qtype)
+            t = time.perf_counter()
+            for _ in range(10):
+                ops.qlinear(h, head.blocks, head.qtype)
+            out[f"head_ms_{m}"] = (time.perf_counter() - t) / 10 * 1e3
 
 
 def worker_llama(threads: int, out: dict) -> None:
@@ -243,13 +253,13 @@ def fmt(x, spec=".1f", unit=""):
 def write_report(results: dict, path: Path) -> str:
     engines = [e for e in ("gemmalab native", "gemmalab q8", "gemmalab fp32", "llama.cpp", "transformers")
                if e in results]
-    llama = results.get("llama.cpp", {})
+    llama, v = results.get("llama.cpp", {}), results["versions"]
     lines = [
         "# CPU inference: gemmalab vs llama.cpp vs transformers",
         "",
         f"`python bench/bench_inference.py` on {results['machine']}, {results['date']}, "
-        f"{ARGS.threads} threads per engine; torch {results['torch']}, llama-cpp-python "
-        f"{results.get('llama_cpp', 'n/a')}, transformers {results.get('transformers', 'n/a')}. Model: the "
+        f"{ARGS.threads} threads per engine; torch {v['torch']}, llama-cpp-python "
+        f"{v.get('llama_cpp', 'n/a')}, transformers {v.get('transformers', 'n/a')}. Model: the "
         "embedded Gemma 3 270M Q4_K_M GGUF for every engine. Each engine ran in its own process, one "
         "after the other, in the same invocation; ratios are within this run.",
         "",
@@ -279,6 +289,11 @@ def write_report(results: dict, path: Path) -> str:
     if "decode_tok_s" in nat and "batch8_tok_s" in nat:
         lines += ["", f"Batch-8 decode throughput / single-stream decode (gemmalab native): "
                       f"**{nat['batch8_tok_s'] / nat['decode_tok_s']:.2f}x**."]
+        if "head_ms_8" in nat:
+            lines += ["", f"The int8 LM head (262,144 x 640) takes {nat['head_ms_1']:.1f} ms for 1 row and "
+                          f"{nat['head_ms_8']:.1f} ms for 8 rows ({nat['head_ms_8'] / 8:.1f} ms per row): "
+                          "past one row the step is bound by integer multiply throughput, not by "
+                          "reading the weights (see the README's roofline note)."]
     if "lookup" in nat:
         lk = nat["lookup"]
         lines += ["", "Prompt-lookup speculative decoding (gemmalab native, greedy, 128 new tokens, a "
@@ -324,17 +339,17 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     import torch
-    results["torch"] = torch.__version__
+    versions = results["versions"] = {"torch": torch.__version__}
     try:
         import llama_cpp
-        results["llama_cpp"] = llama_cpp.__version__
+        versions["llama_cpp"] = llama_cpp.__version__
     except ImportError:
         results["notes"] = ["llama-cpp-python is not installed: run bash bench/setup_llama_cpp.sh."]
     import transformers
-    results["transformers"] = transformers.__version__
+    versions["transformers"] = transformers.__version__
     jobs = [("gemmalab native", ["gemmalab", "native"]), ("gemmalab q8", ["gemmalab", "q8"]),
             ("gemmalab fp32", ["gemmalab", "fp32"])]
-    if "llama_cpp" in results:
+    if "llama_cpp" in versions:
         jobs.append(("llama.cpp", ["llama"]))
     if not ARGS.skip_transformers:
         jobs.append(("transformers", ["transformers"]))

@@ -94,6 +94,27 @@ def test_q8_0_with_a_minus_128_code_keeps_the_two_sign_kernel():
     check_qlinear(raw, T.Q8_0, 128, W)
 
 
+def test_lm_head_recomputes_its_top_logits_in_fp32():
+    """QuantEmbedding.as_linear: the integer GEMV's 8 largest logits per row are replaced by the
+    fp32 products of the dequantized rows; every other logit stays the integer kernel's."""
+    from gemmalab.quant.linear import REFINE_TOP, QuantEmbedding
+    raw = random_blocks(T.Q8_0, rows=1000, cols=256, seed=5)
+    blocks, ktype = prepare_blocks(raw, int(T.Q8_0), 256)
+    W = ops.dequantize(blocks, ktype, 256)
+    emb = QuantEmbedding(1000, 256, ktype, blocks)
+    h = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    approx = ops.qlinear(h, blocks, ktype)
+    out = emb.as_linear(h)
+    top = approx.topk(REFINE_TOP, -1).indices
+    picked = torch.zeros_like(out, dtype=torch.bool).scatter_(1, top, True)
+    exact = h @ W.t()
+    assert torch.allclose(out[picked], exact[picked], rtol=0, atol=1e-5)
+    assert torch.equal(out[~picked], approx[~picked])
+    assert not torch.allclose(approx[picked], exact[picked], rtol=0, atol=1e-5)  # it did change them
+    with pytest.raises(RuntimeError, match="k must be"):
+        ops.refine_top(approx, h, blocks, ktype, 0)
+
+
 def test_q5_0_repack_is_lossless():
     raw = random_blocks(T.Q5_0, rows=16, cols=256)
     blocks, ktype = prepare_blocks(raw, int(T.Q5_0), 256)

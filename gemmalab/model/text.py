@@ -155,13 +155,22 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised N(0, 1) as usual except on the meta device, where torch's
+    normal_ imports torch._dynamo (2+ s of a 3 s load) to initialise nothing."""
+    emb = nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    if not emb.weight.is_meta:
+        nn.init.normal_(emb.weight)
+    return emb
+
+
 class Gemma3(nn.Module):
     """Decoder-only Gemma 3 / Gemma 2 text model with tied embeddings."""
 
     def __init__(self, config: Gemma3Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.activation_checkpointing = False  # training option: recompute blocks in backward

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Gemma3MultimodalConfig, SiglipVisionConfig
-from .text import RMSNorm
+from .text import RMSNorm, embedding
 
 
 class SiglipAttention(nn.Module):
@@ -73,7 +73,7 @@ class SiglipVisionEncoder(nn.Module):
         d = config.hidden_size
         self.patch_embedding = nn.Conv2d(config.num_channels, d, kernel_size=config.patch_size,
                                          stride=config.patch_size)  # VALID, with bias
-        self.position_embedding = nn.Embedding(config.num_patches, d)
+        self.position_embedding = embedding(config.num_patches, d)
         self.layers = nn.ModuleList(SiglipBlock(config) for _ in range(config.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
 

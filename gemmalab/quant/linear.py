@@ -26,6 +26,8 @@ _BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: 
           Q4_K: (256, 144), Q6_K: (256, 210), Q5_0_U8: (32, 34), Q8_0_SYM: (32, 34)}
 # Up to this many rows the integer kernels beat dequantize + BLAS (measured on 2-core Zen 1).
 GEMV_MAX_ROWS = 32
+# LM head logits recomputed in fp32 per row (the largest of the integer GEMV): see ops.refine_top.
+REFINE_TOP = 8
 
 
 def row_bytes(qtype: int, in_features: int) -> int:
@@ -105,8 +107,13 @@ class QuantEmbedding(nn.Module):
         shape = h.shape
         h2 = h.reshape(-1, self.embedding_dim).float()
         ops = kernels.ops()
-        out = [ops.qlinear(h2[i:i + GEMV_MAX_ROWS], self.head.blocks, self.head.qtype)
-               for i in range(0, h2.shape[0], GEMV_MAX_ROWS)]
+        out = []
+        for i in range(0, h2.shape[0], GEMV_MAX_ROWS):
+            z = ops.qlinear(h2[i:i + GEMV_MAX_ROWS], self.head.blocks, self.head.qtype)
+            # the top candidates exactly (fp32 activations): 8-bit activations flip near-ties
+            ops.refine_top(z, h2[i:i + GEMV_MAX_ROWS], self.head.blocks, self.head.qtype,
+                           min(REFINE_TOP, self.num_embeddings))
+            out.append(z)
         return torch.cat(out, 0).view(*shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:
