@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["Write a long story about a dragon who learns to paint.",
-           "Explain, step by step and at length, how a steam engine works.",
-           "List one hundred animals, one per line.",
-           "Describe the history of the printing press in great detail."]
+PROMPTS = ["Once upon a time, a dragon who wanted to learn to paint left his mountain and",
+           "A steam engine works in the following way. First, water is heated in a boiler until",
+           "The history of the printing press begins in the fifteenth century, when",
+           "Here is a list of animals, one per line:\n1. Lion\n2."]
 
 
 def free_port() -> int:
@@ -54,24 +54,30 @@ def start(cmd: list[str], url: str, env=None) -> subprocess.Popen:
 
 
 def one_request(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int, float]:
-    """(time to first token, generated tokens, total seconds) of one streamed chat completion."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    """(time to first token, generated tokens, total seconds) of one streamed completion.
+
+    /v1/completions with a plain-text prompt: the model is a base model (llama-cpp-python's chat
+    formatting makes it answer with an empty turn)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=1800) as r:
+    ttft, usage, pieces = None, None, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=1800) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                usage = chunk["usage"]["completion_tokens"]
             for ch in chunk.get("choices") or []:
-                if ttft is None and (ch.get("delta") or {}).get("content"):
-                    ttft = time.perf_counter() - t0
+                if ch.get("text"):
+                    pieces += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
     total = time.perf_counter() - t0
-    return (ttft if ttft is not None else total), tokens, total
+    # llama-cpp-python's server ignores stream_options.include_usage; it streams one chunk per token
+    return (ttft if ttft is not None else total), (usage if usage is not None else pieces), total
 
 
 def load_test(url: str, model: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
@@ -117,7 +123,9 @@ def main() -> None:
         "llama.cpp": lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
                                    "--model_alias", "bench", "--n_threads", str(args.threads),
                                    "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
-                                   "--port", str(port), "--host", "127.0.0.1"],
+                                   "--port", str(port), "--host", "127.0.0.1",
+                                   # its default cancels the running stream when a new request arrives
+                                   "--interrupt_requests", "False"],
     }
     for name, cmd in servers.items():
         port = free_port()
@@ -139,10 +147,13 @@ def main() -> None:
     lines = ["# Server throughput: gemmalab serve vs llama-cpp-python's OpenAI server", "",
              f"`python bench/bench_serve.py` on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores), {date.today()}, {args.threads} threads per server, the embedded "
-             f"Gemma 3 270M Q4_K_M GGUF. Each client streams {args.requests} chat completions one after "
+             f"Gemma 3 270M Q4_K_M GGUF. Each client streams {args.requests} completions (`/v1/completions`, plain-text prompts) one after "
              f"another (greedy, up to {args.max_tokens} new tokens); aggregate = all generated tokens / wall "
              "time. gemmalab: --max-batch 16 (continuous batching); llama-cpp-python "
-             f"{_llama_version()}: its server's defaults (one sequence at a time).", "",
+             f"{_llama_version()}: one sequence at a time (its server has no batching), "
+             "`--interrupt_requests False` (its default cuts a running stream when another request "
+             "arrives); it ignores `include_usage`, so its tokens are counted as streamed chunks (one "
+             "per token).", "",
              "| server | clients | requests | generated tokens | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |",
              "|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
