@@ -26,7 +26,7 @@ which, path = sys.argv[1], sys.argv[2]
 if which == "gemmalab":
     import gemmalab
     t1 = time.perf_counter()
-    lm = gemmalab.load(path)
+    lm = gemmalab.load(path, mode="fp32")  # fp32 vs fp32; bench_inference times each mode
     t2 = time.perf_counter()
     ids = lm.tokenizer.encode("The capital of France is")
     logits = lm.logits(ids)
