@@ -205,7 +205,7 @@ def child_trl(a: argparse.Namespace) -> dict:
     records = [json.loads(line) for line in (Path(a.workdir) / "data.jsonl").read_text().splitlines()]
 
     # Same model: our weights in transformers' class, checked on one prompt.
-    lm = gemmalab.load(dtype=torch.float32)
+    lm = gemmalab.load(mode="fp32", dtype=torch.float32)
     hf, unused = build_hf_model(lm)
     prompt = lm.tokenizer.encode("The capital of France is")
     with torch.no_grad():
