@@ -266,34 +266,30 @@ def _lookup_steps(model, prompt: list[int], max_new_tokens: int, params: Samplin
     logits = prefill(model, cache, ids, torch.arange(len(prompt), device=device)[None], chunk_size)[0]
     t1 = time.perf_counter()
     drafted = accepted = verify_steps = produced = 0
-    token = int(sample(logits[None], params, generator)[0])
+    pending = [int(sample(logits[None], params, generator)[0])]  # tokens to emit next
     done = torch.tensor([True])
     while True:
-        produced += 1
-        index.append(token)
-        finished = token in stops or produced >= max_new_tokens
-        yield torch.tensor([token]), done if finished else ~done
+        for token in pending:
+            produced += 1
+            index.append(token)
+            finished = token in stops or produced >= max_new_tokens
+            yield torch.tensor([token]), done if finished else ~done
+            if finished:
+                break
         if finished:
             break
+        # pending[-1] is not in the cache; the ones before it were accepted drafts (already in it)
         draft = index.draft(min(k, max_new_tokens - produced))
-        pos0 = len(index.seq) - 1  # the position of `token`, not yet in the cache
+        pos0 = len(index.seq) - 1  # the position of `token`
         length = int(cache.lengths[0])
         block = torch.tensor([token] + draft, device=device)
         logits = _extend(model, cache, block, torch.arange(pos0, pos0 + len(block), device=device))
         verify_steps += 1
         drafted += len(draft)
-        n_ok, token = _verify(logits, draft, params, generator)
+        n_ok, nxt = _verify(logits, draft, params, generator)
         accepted += n_ok
-        cache.truncate(0, length + 1 + n_ok)  # keep `token`'s predecessor and the accepted drafts
-        for d in draft[:n_ok]:
-            produced += 1
-            index.append(d)
-            finished = d in stops or produced >= max_new_tokens
-            yield torch.tensor([d]), done if finished else ~done
-            if finished:
-                break
-        if finished:
-            break
+        cache.truncate(0, length + 1 + n_ok)  # keep `token` and the accepted drafts
+        pending = draft[:n_ok] + [nxt]
     if stats is not None:
         t2 = time.perf_counter()
         stats.update(prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1,

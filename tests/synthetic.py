@@ -21,14 +21,9 @@ NORMAL = (["▁"] + [str(d) for d in range(10)] + ["+", "="]
           + ["u", "s", "e", "r", "m", "o", "d", "l", "us", "er", "user", "mo", "de", "del", "model"])
 
 
-def write_tokenizer(path: str | Path) -> Path:
-    """A SentencePiece (BPE) vocabulary in a GGUF: Gemma's specials, 256 byte pieces, the task's pieces."""
+def write_vocab_gguf(path: str | Path, tokens: list[str], scores: list[float], types: list[int]) -> Path:
+    """A GGUF holding only a SentencePiece ("llama") vocabulary with Gemma's special ids."""
     import gguf
-    tokens = SPECIALS + USER_DEFINED + [f"<0x{b:02X}>" for b in range(256)] + NORMAL
-    types = [3] * len(SPECIALS) + [4] * len(USER_DEFINED) + [6] * 256 + [1] * len(NORMAL)
-    n_fixed = len(SPECIALS) + len(USER_DEFINED) + 256
-    # Longer merges score higher, so "us"+"er" -> "user" and "mo"+"del" -> "model" win.
-    scores = [-1000.0] * n_fixed + [float(len(p)) for p in NORMAL]
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "gemma3")
     w.add_tokenizer_model("llama")
@@ -44,6 +39,16 @@ def write_tokenizer(path: str | Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tokenizer(path: str | Path) -> Path:
+    """A SentencePiece (BPE) vocabulary in a GGUF: Gemma's specials, 256 byte pieces, the task's pieces."""
+    tokens = SPECIALS + USER_DEFINED + [f"<0x{b:02X}>" for b in range(256)] + NORMAL
+    types = [3] * len(SPECIALS) + [4] * len(USER_DEFINED) + [6] * 256 + [1] * len(NORMAL)
+    n_fixed = len(SPECIALS) + len(USER_DEFINED) + 256
+    # Longer merges score higher, so "us"+"er" -> "user" and "mo"+"del" -> "model" win.
+    scores = [-1000.0] * n_fixed + [float(len(p)) for p in NORMAL]
+    return write_vocab_gguf(path, tokens, scores, types)
 
 
 def addition_split(n_heldout: int = 200, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -16,6 +16,8 @@ import pytest
 from gemmalab._paths import default_model_path
 from gemmalab.tokenizer import ChatTemplateError, StreamDecoder, Tokenizer
 
+from .synthetic import write_vocab_gguf
+
 # --------------------------------------------------------------------------------------------------------
 # Fixtures
 
@@ -441,19 +443,7 @@ def _tiny_gguf(path):
     normal = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁w", "▁wor", "or", "▁world", "ld"]
     tokens += normal
     types += [1] * len(normal)
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-1000.0] * 264 + [-float(i) for i in range(len(normal))])
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_vocab_gguf(path, tokens, [-1000.0] * 264 + [-float(i) for i in range(len(normal))], types)
     return gguf
 
 
