@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's gemmalab, whatever is installed
 
+from docs_section import replace_section  # noqa: E402  (bench/, the script's directory)
+
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 BEGIN, END = "<!-- BEGIN experiment: bench/distill_experiment.py -->", "<!-- END experiment -->"
 
@@ -241,12 +243,7 @@ def write_docs(results: dict, docs: Path) -> None:
         return
     md = docs / "distillation.md"
     section = markdown(results, png.name)
-    text = md.read_text() if md.exists() else "# Distillation\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text += "\n" + section + "\n"
-    md.write_text(text)
+    replace_section(md, BEGIN, END, section, "Distillation")
     log(f"wrote {md} and {png}")
 
 

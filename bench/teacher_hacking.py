@@ -45,6 +45,8 @@ from gemmalab.train.distill_losses import full_kd_loss, kd_metrics  # noqa: E402
 from gemmalab.train.hacking import PowerLawMonitor, golden_u_shape  # noqa: E402
 from gemmalab.train.teacher import head_logits  # noqa: E402
 
+from docs_section import replace_section  # noqa: E402  (bench/, the script's directory)
+
 BEGIN, END = "<!-- BEGIN hacking: bench/teacher_hacking.py -->", "<!-- END hacking -->"
 STUDENT_ARCH = {"hidden_size": 32, "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
@@ -310,13 +312,7 @@ def main() -> None:
     plot(results, docs / "teacher_hacking.png")
     (docs / "teacher_hacking.json").write_text(json.dumps(results, indent=1))
     md = docs / "distillation.md"
-    text = md.read_text() if md.exists() else "# Distillation\n"
-    section = markdown(results, "teacher_hacking.png")
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text += "\n" + section + "\n"
-    md.write_text(text)
+    replace_section(md, BEGIN, END, markdown(results, "teacher_hacking.png"), "Distillation")
     log(f"wrote {md}, {docs / 'teacher_hacking.png'}")
 
 
