@@ -260,6 +260,12 @@ def cmd_generate(args) -> int:
     if args.stats and stats:
         extra = (f", lookup accepted {stats['accepted']}/{stats['drafted']} drafts"
                  if "drafted" in stats else "")
+        if lm.mode in ("native", "q8"):
+            from .quant import kernels
+            ps = kernels.pool_stats()
+            extra += (f", {kernels.isa()} kernels, {ps['threads']} threads"
+                      + (f" (alone for {ps['solo_jobs']} of {ps['jobs']} steps: cores busy)"
+                         if ps["solo_jobs"] else ""))
         print(f"[{lm.mode} mode, {stats['prompt_tokens']} prompt tokens, prefill "
               f"{stats['prefill_s']:.2f}s, {stats['new_tokens']} new tokens at "
               f"{stats['decode_tok_s']:.1f} tok/s{extra}, load {lm.load_seconds:.2f}s]", file=sys.stderr)
@@ -387,9 +393,11 @@ def model_info(path: str | None) -> dict:
         hybrid, full = config.kv_cache_bytes(ctx, 2), config.kv_cache_bytes(ctx, 2, hybrid=False)
         kv[ctx] = dict(hybrid=hybrid, all_global=full, ratio=hybrid / full,
                        beyond_context=ctx > config.max_position_embeddings)
+    from . import cpu
     info = dict(path=str(p), config=config, tensor_types=dict(types), kv_cache_bf16=kv,
                 parameters=dict(embedding=config.embedding_parameters,
-                                non_embedding=config.non_embedding_parameters))
+                                non_embedding=config.non_embedding_parameters),
+                machine=cpu.describe())
     if multimodal is not None:
         v = multimodal.vision
         info["vision"] = dict(layers=v.num_hidden_layers, width=v.hidden_size,
@@ -429,6 +437,10 @@ def cmd_info(args) -> int:
               f"{v['patch_size']} px patches, {v['tokens_per_image']} tokens per image; "
               f"{v['parameters']:,} + projector {v['projector_parameters']:,} parameters")
     print("tensors    " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
+    m = info["machine"]
+    print(f"cpu        {m['cpu']} ({m['id']}): {', '.join(m['flags']) or 'no SIMD flags'}")
+    print(f"kernels    {m['kernels']} (GEMMALAB_ISA=avx2|avx512 overrides); bf16 compute "
+          f"{'on' if m['bf16'] else 'off'} (GEMMALAB_CPU_BF16=0|1)")
     print("KV cache (bf16, one sequence):   hybrid     all-global   ratio")
     for ctx, row in info["kv_cache_bf16"].items():
         note = "  (beyond the model context)" if row["beyond_context"] else ""

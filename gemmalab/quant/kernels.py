@@ -5,6 +5,18 @@ minute on 2 cores) into the gemmalab cache directory, keyed by a hash of the sou
 version and the flags, so later processes load the shared library in milliseconds. They need an
 x86-64 CPU with AVX2, FMA and F16C; elsewhere `available()` is False and `gemmalab.load` falls back to
 the fp32 mode with a warning.
+
+Variants (`isa()`), chosen at run time from what the CPU reports (`gemmalab.cpu`):
+- "avx2": the baseline (maddubs + madd for the int8 dot products);
+- "avx512": AVX-512 F/BW/VL/DQ + VNNI (vpdpbusd on two weight blocks per 512-bit register, up to
+  8 activation rows per weight pass), bit-identical outputs to "avx2" (tests/test_isa.py).
+Both are always compiled (the AVX-512 file through a target pragma) and the best one the CPU runs is
+used; `GEMMALAB_ISA=avx2|avx512` or `set_isa(name)` overrides (an unsupported choice is an error).
+AMX is not used.
+
+Threads: the kernels claim guided chunks dynamically on torch's OpenMP team, and run on the caller
+alone while other processes hold the cores (csrc/pool.h); as many threads as
+`torch.get_num_threads()`; `pool_stats()` shows what they did.
 """
 from __future__ import annotations
 
@@ -17,7 +29,8 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("csrc")
-_SOURCES = ("qgemm.cpp", "ops.cpp")
+_SOURCES = ("qgemm.cpp", "qgemm_avx512.cpp", "pool.cpp", "ops.cpp")
+ISAS = ("avx2", "avx512")
 # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it runs on one thread.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fno-math-errno", "-fopenmp"]
 _lock = threading.Lock()
@@ -40,6 +53,52 @@ def cpu_supported() -> tuple[bool, str]:
         if missing:
             return False, f"the quantized kernels need AVX2, FMA and F16C; this CPU lacks {', '.join(missing)}"
     return True, ""
+
+
+def supported_isas() -> list[str]:
+    """The kernel variants this CPU can run, baseline first."""
+    from .. import cpu
+    return ["avx2"] + (["avx512"] if cpu.avx512_supported() else [])
+
+
+def _check_isa(name: str) -> None:
+    if name not in ISAS:
+        raise ValueError(f"unknown kernel variant {name!r}; use one of {', '.join(ISAS)}")
+    if name not in supported_isas():
+        from .. import cpu
+        missing = [f for f in cpu.AVX512_NEEDS if not cpu.has(f)]
+        raise ValueError(f"this CPU cannot run the {name} kernels (it lacks {', '.join(missing)}); "
+                         f"it supports {', '.join(supported_isas())}")
+
+
+def set_isa(name: str) -> None:
+    """Select the kernel variant for this process (the kernels are loaded first)."""
+    _check_isa(name)
+    load()
+    torch.ops.gemmalab.set_isa(ISAS.index(name))
+
+
+def isa() -> str:
+    """The kernel variant in use."""
+    load()
+    return ISAS[int(torch.ops.gemmalab.get_isa())]
+
+
+def pool_stats() -> dict:
+    """What the kernels' thread pool did since the last reset (see csrc/pool.h)."""
+    load()
+    s = torch.ops.gemmalab.pool_stats()
+    return dict(threads=s[0], jobs=s[1], parallel_jobs=s[2], solo_jobs=s[3], solo_switches=s[4],
+                solo_now=bool(s[5]), straggle_ms=s[6] / 1e3, pool="static" if s[7] else "guided")
+
+
+def reset_pool_stats() -> None:
+    load()
+    torch.ops.gemmalab.pool_reset_stats()
+
+
+def why_unavailable() -> str:
+    return _state.get("error", "")
 
 
 def _build_dir() -> Path:
@@ -75,6 +134,12 @@ def load() -> None:
             _state["error"] = f"could not build the quantized CPU kernels: {str(e).strip().splitlines()[-1]}"
             raise KernelsUnavailable(_state["error"]) from e
         _state["loaded"] = True
+        choice = os.environ.get("GEMMALAB_ISA", "").strip().lower() or supported_isas()[-1]
+        try:
+            _check_isa(choice)
+        except ValueError as e:
+            raise ValueError(f"GEMMALAB_ISA={choice}: {e}") from None
+        torch.ops.gemmalab.set_isa(ISAS.index(choice))
 
 
 def _compile(build: Path) -> None:

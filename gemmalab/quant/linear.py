@@ -6,8 +6,9 @@ kernels of `gemmalab.quant.kernels`:
 - a few rows of activations (decode, batched decode, speculative verification): the activations are
   quantized to 8 bits per block of 32 and multiplied against the blocks directly (integer dot products,
   like llama.cpp's CPU backend), one pass over the weights for all rows;
-- many rows (prefill): the weight is dequantized to fp32 once per call and multiplied by BLAS, which on
-  this kind of CPU is as fast per multiply-add as the integer path and needs no activation rounding.
+- many rows (prefill): the weight is dequantized once per call and multiplied by BLAS: in fp32, or in
+  bf16 (fp32 accumulation) on CPUs with native bf16 dot products (AVX512_BF16 / AMX), where torch's
+  bf16 matmul runs ~2.5x its fp32 one (`prefill_dtype()`; GEMMALAB_CPU_BF16=0|1 overrides).
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ _BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: 
 GEMV_MAX_ROWS = 32
 # LM head logits recomputed in fp32 per row (the largest of the integer GEMV): see ops.refine_top.
 REFINE_TOP = 8
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype of the many-row (prefill) products: bf16 where gemmalab.cpu.cpu_bf16() says the
+    CPU computes it natively, else fp32. Read at each call (cheap) so that tests can switch it."""
+    from ..cpu import cpu_bf16
+    return torch.bfloat16 if cpu_bf16() else torch.float32
 
 
 def row_bytes(qtype: int, in_features: int) -> int:
@@ -71,6 +79,8 @@ class QuantLinear(nn.Module):
         ops = kernels.ops()
         if x2.shape[0] <= GEMV_MAX_ROWS:
             y = ops.qlinear(x2, self.blocks, self.qtype)
+        elif prefill_dtype() == torch.bfloat16:
+            y = (x2.to(torch.bfloat16) @ self.dequantized().to(torch.bfloat16).t()).float()
         else:
             y = x2 @ self.dequantized().t()
         return y.view(*shape[:-1], self.out_features)

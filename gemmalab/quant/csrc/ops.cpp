@@ -17,55 +17,18 @@
 #include <vector>
 
 #include "mathx.h"
+#include "pool.h"
 #include "qgemm.h"
 
 namespace gl {
 namespace {
 
+int g_isa = ISA_AVX2;  // set by gemmalab.quant.kernels (set_isa) from what the CPU reports
+
 // ---- quantized matrix products ---------------------------------------------------------------
-struct Mat {
-  const uint8_t* w;
-  int type;
-  int64_t N;       // rows (output features)
-  int64_t row_bytes;
-  float* out;      // (M, N) row-major
-};
-
-template <int T, int R>
-inline void rows_tile(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t r0) {
-  for (int64_t n = n0; n < n1; ++n)
-    dot_row<T, R>(m.w + n * m.row_bytes, a, r0, m.out + r0 * m.N + n, m.N);
-}
-
-template <int T>
-void rows_all(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
-  // Weight rows in blocks of 16 stay in L1 while the activation rows stream past in tiles of 4.
-  for (int64_t nb = n0; nb < n1; nb += 16) {
-    const int64_t ne = std::min(n1, nb + 16);
-    int64_t r = 0;
-    for (; r + 4 <= M; r += 4) rows_tile<T, 4>(m, nb, ne, a, r);
-    switch (M - r) {
-      case 3: rows_tile<T, 3>(m, nb, ne, a, r); break;
-      case 2: rows_tile<T, 2>(m, nb, ne, a, r); break;
-      case 1: rows_tile<T, 1>(m, nb, ne, a, r); break;
-      default: break;
-    }
-  }
-}
-
 void run_rows(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
-  switch (m.type) {
-    case Q4_0: return rows_all<Q4_0>(m, n0, n1, a, M);
-    case Q4_1: return rows_all<Q4_1>(m, n0, n1, a, M);
-    case Q5_0: return rows_all<Q5_0>(m, n0, n1, a, M);
-    case Q5_1: return rows_all<Q5_1>(m, n0, n1, a, M);
-    case Q8_0: return rows_all<Q8_0>(m, n0, n1, a, M);
-    case Q4_K: return rows_all<Q4_K>(m, n0, n1, a, M);
-    case Q6_K: return rows_all<Q6_K>(m, n0, n1, a, M);
-    case Q5_0_U8: return rows_all<Q5_0_U8>(m, n0, n1, a, M);
-    case Q8_0_SYM: return rows_all<Q8_0_SYM>(m, n0, n1, a, M);
-  }
-  TORCH_CHECK(false, "gemmalab.qlinear: unsupported weight type ", m.type);
+  if (g_isa == ISA_AVX512) return run_rows_avx512(m, n0, n1, a, M);
+  return run_rows_avx2(m, n0, n1, a, M);
 }
 
 // Quantized activations of an (M, K) fp32 matrix, owned.
@@ -74,15 +37,22 @@ struct ActBuf {
   std::vector<uint8_t> qabs;
   std::vector<float> d;
   std::vector<int32_t> s;
+  std::vector<float> dx;
+  std::vector<int32_t> ns4;
+  std::vector<float> das;
   Act act;
-  ActBuf(const float* x, int64_t M, int64_t K) : q(M * K), qabs(M * K), d(M * K / 32), s(M * K / 16) {
-    if (M >= 8)
-      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-        quantize_rows(x, m0, m1, K, q.data(), qabs.data(), d.data(), s.data());
-      });
-    else
-      quantize_rows(x, 0, M, K, q.data(), qabs.data(), d.data(), s.data());
-    act = Act{q.data(), qabs.data(), d.data(), s.data(), K};
+  ActBuf(const float* x, int64_t M, int64_t K)
+      : q(M * K), qabs(M * K), d(M * K / 32), s(M * K / 16), ns4(M * K / 4), das(M * K / 32) {
+    auto rows = [&](int64_t m0, int64_t m1) {
+      quantize_rows(x, m0, m1, K, q.data(), qabs.data(), d.data(), s.data(), ns4.data(), das.data());
+    };
+    if (M >= 8) pfor(0, M, 1, rows);
+    else rows(0, M);
+    if (g_isa == ISA_AVX512) {
+      dx.resize(M * K / 4);
+      expand_scales(d.data(), M * K / 32, dx.data());
+    }
+    act = Act{q.data(), qabs.data(), d.data(), s.data(), K, dx.empty() ? nullptr : dx.data(), ns4.data(), das.data()};
   }
 };
 
@@ -90,7 +60,7 @@ struct ActBuf {
 void gemv_multi(const std::vector<Mat>& mats, const Act& a, int64_t M) {
   int64_t total = 0;
   for (auto& m : mats) total += m.N;
-  at::parallel_for(0, total, 16, [&](int64_t g0, int64_t g1) {
+  pfor(0, total, 16, [&](int64_t g0, int64_t g1) {
     int64_t base = 0;
     for (auto& m : mats) {
       const int64_t lo = std::max(g0, base), hi = std::min(g1, base + m.N);
@@ -153,7 +123,7 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K, const c10::
   if (!ids_.has_value()) {
     auto out = at::empty({w.size(0), K}, at::kFloat);
     float* O = out.data_ptr<float>();
-    at::parallel_for(0, w.size(0), 64, [&](int64_t r0, int64_t r1) {
+    pfor(0, w.size(0), 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) dequant_row(int(qtype), W + r * rb, K, O + r * K);
     });
     return out;
@@ -188,7 +158,7 @@ at::Tensor rmsnorm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
   auto out = at::empty_like(x);
   const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+  pfor(0, M, 64, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) rmsnorm_row(X + m * n, W, O + m * n, n, float(eps));
   });
   return out;
@@ -234,7 +204,7 @@ void attend(const AttnArgs& a) {
   const int64_t nsplit = std::max<int64_t>(1, (a.n_scan + span - 1) / span);
   const int64_t ntask = a.B * a.Hkv * nsplit;
   std::vector<float> m_part(ntask * G), l_part(ntask * G), acc(ntask * G * D);
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  pfor(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> sc;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t split = t % nsplit, g = (t / nsplit) % a.Hkv, b = t / (nsplit * a.Hkv);
@@ -436,7 +406,7 @@ void refine_top(at::Tensor logits, const at::Tensor& h_, const at::Tensor& w, in
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* L = logits.data_ptr<float>();
   const float* H = h.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  pfor(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<float> val(k), row(K);
     std::vector<int64_t> idx(k);
     for (int64_t m = m0; m < m1; ++m) {
@@ -474,7 +444,7 @@ at::Tensor repack_q5_0(const at::Tensor& w, int64_t K) {
   const uint8_t* W = w.data_ptr<uint8_t>();
   uint8_t* O = out.data_ptr<uint8_t>();
   const int64_t rb = w.size(1), ob = out.size(1);
-  at::parallel_for(0, w.size(0), 256, [&](int64_t r0, int64_t r1) {
+  pfor(0, w.size(0), 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) repack_q5_0_row(W + r * rb, K, O + r * ob);
   });
   return out;
@@ -487,7 +457,7 @@ bool q8_0_has_min_code(const at::Tensor& w) {
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t nblocks = w.numel() / 34;
   std::atomic<bool> found{false};
-  at::parallel_for(0, nblocks, 4096, [&](int64_t b0, int64_t b1) {
+  pfor(0, nblocks, 4096, [&](int64_t b0, int64_t b1) {
     const __m256i m = _mm256_set1_epi8((char)0x80);
     for (int64_t b = b0; b < b1 && !found.load(std::memory_order_relaxed); ++b) {
       const __m256i q = _mm256_loadu_si256((const __m256i*)(W + b * 34 + 2));
@@ -504,7 +474,7 @@ at::Tensor quantize_q8_0(const at::Tensor& x_) {
   auto out = at::empty({N, K / 32 * 34}, at::kByte);
   const float* X = x.data_ptr<float>();
   uint8_t* O = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+  pfor(0, N, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) quantize_row_q8_0(X + r * K, K, O + r * (K / 32 * 34));
   });
   return out;
@@ -522,10 +492,27 @@ at::Tensor quantize_act(const at::Tensor& x_) {  // for tests: the 8-bit activat
   return out;
 }
 
+// ---- variant and pool ------------------------------------------------------------------------
+void set_isa(int64_t isa) {
+  TORCH_CHECK(isa == ISA_AVX2 || isa == ISA_AVX512, "gemmalab.set_isa: 0 (avx2) or 1 (avx512)");
+  g_isa = int(isa);
+}
+int64_t get_isa() { return g_isa; }
+std::vector<int64_t> pool_stats_op() {
+  int64_t s[8];
+  pool_stats(s);
+  return std::vector<int64_t>(s, s + 8);
+}
+void pool_reset_op() { pool_reset_stats(); }
+
 }  // namespace
 }  // namespace gl
 
 TORCH_LIBRARY(gemmalab, m) {
+  m.def("set_isa(int isa) -> ()", gl::set_isa);
+  m.def("get_isa() -> int", gl::get_isa);
+  m.def("pool_stats() -> int[]", gl::pool_stats_op);
+  m.def("pool_reset_stats() -> ()", gl::pool_reset_op);
   m.def("qlinear(Tensor x, Tensor w, int qtype) -> Tensor", gl::qlinear);
   m.def("qlinear_multi(Tensor x, Tensor[] ws, int[] qtypes) -> Tensor[]", gl::qlinear_multi);
   m.def("dequantize(Tensor w, int qtype, int K, Tensor? ids=None) -> Tensor", gl::dequantize);

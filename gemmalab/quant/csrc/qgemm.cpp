@@ -5,7 +5,9 @@
 
 namespace gl {
 
-void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s) {
+void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s,
+                   int32_t* ns4, float* das) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
@@ -44,6 +46,10 @@ void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q,
       ab = _mm_hadd_epi32(ab, ab);        // sum a, sum b
       s[m * (K / 16) + 2 * j] = _mm_cvtsi128_si32(ab);
       s[m * (K / 16) + 2 * j + 1] = _mm_extract_epi32(ab, 1);
+      // -(sums of groups of 4 codes), in the lane order of a dot product of the block
+      const __m256i s4 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, p), ones16);
+      _mm256_storeu_si256((__m256i*)(ns4 + m * (K / 4) + 8 * j), _mm256_sub_epi32(_mm256_setzero_si256(), s4));
+      das[m * (K / 32) + j] = dm * float(_mm_cvtsi128_si32(ab) + _mm_extract_epi32(ab, 1));
     }
   }
 }
@@ -66,9 +72,10 @@ template <int T, int R>
 void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t out_stride) {
   Acc<R> acc;
   const int64_t K = a.K, nb32 = K / 32, nb16 = K / 16;
-  const int8_t* aq[R]; const float* ad[R]; const int32_t* as[R];
+  const int8_t* aq[R]; const float* ad[R]; const int32_t* as[R]; const int32_t* an[R];
   for (int r = 0; r < R; ++r) {
     aq[r] = a.q + (row0 + r) * K; ad[r] = a.d + (row0 + r) * nb32; as[r] = a.s + (row0 + r) * nb16;
+    an[r] = a.ns4 + (row0 + r) * (K / 4);
   }
   if constexpr (T == Q8_0) {
     auto step = [&](const uint8_t* wb, int64_t j, __m256* accs) {
@@ -106,9 +113,10 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
       const __m256i u = _mm256_loadu_si256((const __m256i*)(wb + 2));
       for (int r = 0; r < R; ++r) {
         __m256i qa = _mm256_loadu_si256((const __m256i*)(aq[r] + j * 32));
-        const float s = dw * ad[r][j];
-        accs[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(dot_u8s8(u, qa)), accs[r]);
-        acc.c[r] -= 16.f * s * float(as[r][2 * j] + as[r][2 * j + 1]);
+        // sum (u - 16) a, exactly, in int32 lanes
+        const __m256i p = _mm256_add_epi32(dot_u8s8(u, qa),
+            _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(an[r] + 8 * j)), 4));
+        accs[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ad[r][j]), _mm256_cvtepi32_ps(p), accs[r]);
       }
     };
     int64_t j = 0;
@@ -118,7 +126,7 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
     constexpr int BB = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : 24;
     constexpr bool has_min = T == Q4_1 || T == Q5_1;
     constexpr bool five = T == Q5_0 || T == Q5_1;
-    constexpr float off = T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f;
+    constexpr int off_shift = T == Q4_0 ? 3 : 4;  // offsets 8 (Q4_0) and 16 (Q5_0)
     auto step = [&](const uint8_t* wb, int64_t j, __m256* accs) {
       const float dw = h2f(rd16(wb));
       const float mw = has_min ? h2f(rd16(wb + 2)) : 0.f;
@@ -130,19 +138,25 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
         __m256i qa = _mm256_loadu_si256((const __m256i*)(aq[r] + j * 32));
         __m256i p = dot_u8s8(u, qa);
         const float da = ad[r][j];
-        const float sum = float(as[r][2 * j] + as[r][2 * j + 1]);
+        if constexpr (!has_min)  // sum (u - off) a, exactly
+          p = _mm256_add_epi32(p, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(an[r] + 8 * j)), off_shift));
         accs[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(p), accs[r]);
-        if constexpr (has_min) acc.c[r] += mw * da * sum;
-        else acc.c[r] -= off * dw * da * sum;
+        if constexpr (has_min) acc.c[r] += mw * da * float(as[r][2 * j] + as[r][2 * j + 1]);
       }
     };
     int64_t j = 0;
     for (; j + 2 <= nb32; j += 2, w += 2 * BB) { step(w, j, acc.v); step(w + BB, j + 1, acc.w); }
     for (; j < nb32; ++j, w += BB) step(w, j, acc.v);
   } else if constexpr (T == Q4_K) {
-    // 256 values / 144 bytes: d, dmin, scales[12], qs[128]; value = d*sc_j*u - dmin*m_j
+    // 256 values / 144 bytes: d, dmin, scales[12], qs[128]; value = d*sc_j*u - dmin*m_j.
+    // The minimums: sum_j dmin*m_j * (d_a,j * sum of block j's codes), 8 lanes per super-block.
+    __m256 mins[R];
+    for (int r = 0; r < R; ++r) mins[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 144) {
       const float d = h2f(rd16(w)), dmin = h2f(rd16(w + 2));
+      const __m256 wm = _mm256_mul_ps(_mm256_set1_ps(dmin), mins_k4(w + 4));
+      for (int r = 0; r < R; ++r)
+        mins[r] = _mm256_fmadd_ps(wm, _mm256_loadu_ps(a.das + (row0 + r) * nb32 + sb * 8), mins[r]);
       const uint8_t* scales = w + 4;
       const uint8_t* qs = w + 16;
       for (int p = 0; p < 4; ++p) {
@@ -153,6 +167,7 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
         uint8_t sc0, m0, sc1, m1;
         scale_min_k4(2 * p, scales, &sc0, &m0);
         scale_min_k4(2 * p + 1, scales, &sc1, &m1);
+        (void)m0; (void)m1;
         const int64_t j0 = sb * 8 + 2 * p;  // activation block of the low nibbles
         for (int r = 0; r < R; ++r) {
           const __m256i a0 = _mm256_loadu_si256((const __m256i*)(aq[r] + j0 * 32));
@@ -160,12 +175,10 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
           const float da0 = ad[r][j0], da1 = ad[r][j0 + 1];
           acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc0 * da0), _mm256_cvtepi32_ps(dot_u8s8(lo, a0)), acc.v[r]);
           acc.w[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 * da1), _mm256_cvtepi32_ps(dot_u8s8(hi, a1)), acc.w[r]);
-          const float s0 = float(as[r][2 * j0] + as[r][2 * j0 + 1]);
-          const float s1 = float(as[r][2 * j0 + 2] + as[r][2 * j0 + 3]);
-          acc.c[r] -= dmin * (m0 * da0 * s0 + m1 * da1 * s1);
         }
       }
     }
+    for (int r = 0; r < R; ++r) acc.c[r] = -hsum(mins[r]);
   } else if constexpr (T == Q6_K) {
     // 256 values / 210 bytes: ql[128], qh[64], scales int8[16], d; value = d*sc*(u - 32),
     // one scale per 16 values. Each half of 128 values is four 32-value runs built from ql/qh.
@@ -188,15 +201,16 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
         const int8_t* scs = sc + 8 * half;
         for (int k = 0; k < 4; ++k) {
           const int sA = scs[2 * k], sB = scs[2 * k + 1];
-          const __m256i scv = _mm256_set_m128i(_mm_set1_epi16((short)sB), _mm_set1_epi16((short)sA));
+          const __m256i scv = _mm256_set_m128i(_mm_set1_epi32(sB), _mm_set1_epi32(sA));
           const int64_t j = sb * 8 + half * 4 + k;  // activation block
           for (int r = 0; r < R; ++r) {
             const __m256i qa = _mm256_loadu_si256((const __m256i*)(aq[r] + j * 32));
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u[k], qa), scv);
+            // sc * sum (u - 32) a per 16 values, exactly
+            const __m256i p = _mm256_mullo_epi32(_mm256_add_epi32(dot_u8s8(u[k], qa),
+                _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(an[r] + 8 * j)), 5)), scv);
             const float da = ad[r][j];
             __m256& av = (k & 1) ? acc.w[r] : acc.v[r];
             av = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(p), av);
-            acc.c[r] -= 32.f * d * da * float(sA * as[r][2 * j] + sB * as[r][2 * j + 1]);
           }
         }
       }
@@ -219,6 +233,52 @@ GL_INSTANTIATE(Q4_K)
 GL_INSTANTIATE(Q6_K)
 GL_INSTANTIATE(Q5_0_U8)
 GL_INSTANTIATE(Q8_0_SYM)
+
+// ---- row loops --------------------------------------------------------------------------------
+namespace {
+template <int T, int R>
+inline void rows_tile(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t r0) {
+  for (int64_t n = n0; n < n1; ++n)
+    dot_row<T, R>(m.w + n * m.row_bytes, a, r0, m.out + r0 * m.N + n, m.N);
+}
+
+template <int T>
+void rows_all(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
+  // Weight rows in blocks of 16 stay in L1 while the activation rows stream past in tiles of 4.
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t ne = std::min(n1, nb + 16);
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) rows_tile<T, 4>(m, nb, ne, a, r);
+    switch (M - r) {
+      case 3: rows_tile<T, 3>(m, nb, ne, a, r); break;
+      case 2: rows_tile<T, 2>(m, nb, ne, a, r); break;
+      case 1: rows_tile<T, 1>(m, nb, ne, a, r); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+void run_rows_avx2(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
+  switch (m.type) {
+    case Q4_0: return rows_all<Q4_0>(m, n0, n1, a, M);
+    case Q4_1: return rows_all<Q4_1>(m, n0, n1, a, M);
+    case Q5_0: return rows_all<Q5_0>(m, n0, n1, a, M);
+    case Q5_1: return rows_all<Q5_1>(m, n0, n1, a, M);
+    case Q8_0: return rows_all<Q8_0>(m, n0, n1, a, M);
+    case Q4_K: return rows_all<Q4_K>(m, n0, n1, a, M);
+    case Q6_K: return rows_all<Q6_K>(m, n0, n1, a, M);
+    case Q5_0_U8: return rows_all<Q5_0_U8>(m, n0, n1, a, M);
+    case Q8_0_SYM: return rows_all<Q8_0_SYM>(m, n0, n1, a, M);
+  }
+  
+}
+
+
+void expand_scales(const float* d, int64_t nblocks, float* dx) {
+  for (int64_t j = 0; j < nblocks; ++j) _mm256_storeu_ps(dx + 8 * j, _mm256_set1_ps(d[j]));
+}
 
 void repack_q5_0_row(const uint8_t* src, int64_t K, uint8_t* dst) {
   for (int64_t j = 0; j < K / 32; ++j, src += 22, dst += 34) {

@@ -1,4 +1,5 @@
-// Quantized matrix-vector / matrix-matrix products on GGUF weight blocks (AVX2 + FMA + F16C).
+// Quantized matrix-vector / matrix-matrix products on GGUF weight blocks (AVX2 + FMA + F16C, and an
+// AVX-512 VNNI variant in qgemm_avx512.cpp chosen at run time).
 //
 // Weights stay in the file's block layouts (see gemmalab/quant/gguf_blocks.py for the byte maps);
 // activations are quantized on the fly to 8 bits per block of 32 values with one fp32 scale, the
@@ -23,10 +24,10 @@ enum QType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_
                    Q8_0_SYM = 202 };  // Q8_0 rows without a -128 code (llama.cpp never writes one):
                                       // |a| x sign(w, a) needs one sign op per block instead of two
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 
-inline float hsum(__m256 v) {
+static inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
@@ -35,38 +36,64 @@ inline float hsum(__m256 v) {
 }
 
 // Bytes per block and weights per block of each supported weight type.
-inline int block_bytes(int t) {
+static inline int block_bytes(int t) {
   switch (t) {
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22; case Q5_1: return 24;
     case Q8_0: return 34; case Q4_K: return 144; case Q6_K: return 210; case Q5_0_U8: return 34; case Q8_0_SYM: return 34;
     default: return 0;
   }
 }
-inline int block_weights(int t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
+static inline int block_weights(int t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
 
 // ---- activations ---------------------------------------------------------------------------
 // Row r of an (M, K) activation matrix: q[r*K + i] int8 codes, d[r*K/32 + j] fp32 scale of block j,
 // s[r*K/16 + j] sum of the codes of each 16-value half block (for weight offsets and minimums).
+// ns4[r*K/4 + g] = -(sum of the 4 codes 4g..4g+3): the offset of unsigned weight codes (u - off)
+// folds into the integer sums (one shift and add per block instead of a scalar term), laid out like
+// the int32 lanes of a dot product; das[r*K/32 + j] = d_j * (sum of block j's codes), for the
+// minimums of Q4_K.
 struct Act {
   const int8_t* q;
   const uint8_t* qabs;  // |q|
   const float* d;
   const int32_t* s;
   int64_t K;
+  const float* dx;      // AVX-512 variant only: d of each block repeated 8 times (one 256-bit half)
+  const int32_t* ns4;
+  const float* das;
 };
 
+// A weight matrix of N rows of quantized blocks and its (M, N) fp32 output.
+struct Mat {
+  const uint8_t* w;
+  int type;
+  int64_t N;       // rows (output features)
+  int64_t row_bytes;
+  float* out;      // (M, N) row-major
+};
+
+// Kernel variants (gemmalab.quant.kernels.isa()): the same integer sums, and the same fp32
+// operations in the same order, so every variant gives bit-identical outputs.
+enum Isa : int { ISA_AVX2 = 0, ISA_AVX512 = 1 };
+// out rows [n0, n1) of m for all M activation rows, with the given variant.
+void run_rows_avx2(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M);
+void run_rows_avx512(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M);
+// The AVX-512 variant's expanded scales: dx[r*K/4 + 8*j + i] = d[r*K/32 + j] for i < 8.
+void expand_scales(const float* d, int64_t nblocks, float* dx);
+
 // Quantize rows [m0, m1) of x (M, K) fp32: d = max|x| / 127, q = round(x / d).
-void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s);
+void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s,
+                   int32_t* ns4, float* das);
 
 // ---- weight unpacking helpers (llama.cpp's AVX2 idioms) -------------------------------------
 // 32 nibbles -> 32 bytes: low nibbles of the 16 bytes are values 0..15, high nibbles 16..31.
-inline __m256i nibbles_32(const uint8_t* p) {
+static inline __m256i nibbles_32(const uint8_t* p) {
   __m128i t = _mm_loadu_si128((const __m128i*)p);
   __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
   return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
 }
 // 32 bits -> 32 bytes of 0xFF (bit set) or 0x00.
-inline __m256i bits_32(const uint8_t* p) {
+static inline __m256i bits_32(const uint8_t* p) {
   uint32_t x32; std::memcpy(&x32, p, 4);
   const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
                                          0x0101010101010101, 0x0000000000000000);
@@ -74,13 +101,21 @@ inline __m256i bits_32(const uint8_t* p) {
   bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
   return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
+// Q4_K: sums of the 8 x 32 activation codes of a super-block times the 8 minimums, as a vector
+// (both variants): lanes j = m_j (0..63) as float.
+static inline __m256 mins_k4(const uint8_t* q) {
+  alignas(32) float m[8];
+  for (int j = 0; j < 4; ++j) m[j] = float(q[j + 4] & 63);
+  for (int j = 4; j < 8; ++j) m[j] = float((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+  return _mm256_load_ps(m);
+}
 // Sum of u8 x s8 products of 32 bytes -> 8 int32 lanes.
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
 // Q4_K six-bit scales and mins of sub-block j (ggml's get_scale_min_k4).
-inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+static inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
   if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
   else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
 }

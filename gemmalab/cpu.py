@@ -1,0 +1,143 @@
+"""What this CPU can do, read at run time: model name, ISA flags, machine load.
+
+gemmalab runs on machines of different kinds (e.g. AMD Zen 1: AVX2 + FMA only, slow integer
+multiplies, no fast bf16; AMD Zen 4: AVX-512 F/BW/VL, VNNI and BF16). Code paths are chosen from
+these facts, never assumed:
+
+- the quantized kernels' ISA variant (`gemmalab.quant.kernels.isa()`): "avx512" where the CPU has
+  AVX-512 F/BW/VL/DQ + VNNI, else "avx2"; `GEMMALAB_ISA=avx2|avx512` overrides (tests use it);
+- bf16 compute on CPU (`cpu_bf16()`): training autocast and the float weights' prefill choose bf16
+  where the CPU has AVX512_BF16 or AMX-BF16 (native bf16 dot products), fp32 elsewhere;
+  `GEMMALAB_CPU_BF16=0|1` overrides.
+
+Every benchmark records `describe()` (model, the flags that matter, the variant chosen, the load).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+# The flags that decide a code path, in the order they are reported.
+REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                  "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+AVX512_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_has_bf16() -> bool:
+    try:
+        import torch
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    except Exception:  # pragma: no cover - very old torch
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if flags and model and line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def cpu_family() -> str:
+    """'family F model M' from /proc/cpuinfo (Zen 1 is family 23, Zen 4 family 25 model 17)."""
+    fam = mod = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu family"):
+                    fam = line.split(":", 1)[1].strip()
+                elif line.startswith("model\t") or line.startswith("model :") or line.split(":")[0].strip() == "model":
+                    mod = line.split(":", 1)[1].strip()
+                if fam != "?" and mod != "?":
+                    break
+    except OSError:
+        pass
+    return f"family {fam} model {mod}"
+
+
+def cpu_flags() -> frozenset[str]:
+    return _cpuinfo()[1]
+
+
+def has(*flags: str) -> bool:
+    fl = cpu_flags()
+    return all(f in fl for f in flags)
+
+
+def avx512_supported() -> bool:
+    """AVX-512 F/BW/VL/DQ with VNNI: what the "avx512" kernel variant is compiled for."""
+    return platform.machine().lower() in ("x86_64", "amd64") and has(*AVX512_NEEDS)
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    return has("avx512_bf16") or has("amx_bf16")
+
+
+def _env_bool(name: str) -> bool | None:
+    v = os.environ.get(name)
+    if v is None or v.strip() == "":
+        return None
+    if v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={v!r}: use 1 or 0")
+
+
+def cpu_bf16() -> bool:
+    """Whether CPU code should compute in bf16 where it may (training autocast, float prefill):
+    GEMMALAB_CPU_BF16 if set, else whether the CPU has native bf16 dot products and torch uses
+    them (torch's CPU capability is AVX512 or better)."""
+    forced = _env_bool("GEMMALAB_CPU_BF16")
+    if forced is not None:
+        return forced
+    return native_bf16() and _torch_has_bf16()
+
+
+def machine_load() -> dict:
+    """Load averages and the number of runnable tasks right now (from /proc)."""
+    out: dict = {"cores": os.cpu_count()}
+    try:
+        out["loadavg_1m"] = float(open("/proc/loadavg").read().split()[0])
+        for line in open("/proc/stat"):
+            if line.startswith("procs_running"):
+                out["procs_running"] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def describe() -> dict:
+    """The facts every benchmark records."""
+    fl = cpu_flags()
+    out = {"cpu": cpu_model(), "id": cpu_family(), "flags": [f for f in REPORTED_FLAGS if f in fl],
+           "bf16": cpu_bf16(), "load": machine_load()}
+    try:
+        from .quant import kernels
+        out["kernels"] = kernels.isa() if kernels.available() else f"unavailable ({kernels.why_unavailable()})"
+    except Exception as e:  # noqa: BLE001 - a description never fails
+        out["kernels"] = f"unavailable ({e})"
+    return out
+
+
+def summary() -> str:
+    d = describe()
+    return (f"{d['cpu']} ({d['id']}; {', '.join(d['flags']) or 'no SIMD flags'}); kernels {d['kernels']}; "
+            f"bf16 {'on' if d['bf16'] else 'off'}")
