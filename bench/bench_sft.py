@@ -3,10 +3,18 @@
     pip install trl datasets          # only for this benchmark; gemmalab never imports TRL
     python bench/bench_sft.py [--seq-len 256] [--batch-size 2] [--warmup 2] [--steps 6] [--out docs/training.md]
     python bench/bench_sft.py --report-only --workdir DIR    # rewrite the report from DIR's saved results
+    python bench/bench_sft.py --autocast bf16 --with-fp32-baseline --out /tmp/training_bf16.md
 
-Model: the embedded Gemma 3 270M (`gemmalab.load()`), fp32. TRL trains a transformers
+Model: the embedded Gemma 3 270M (`gemmalab.load()`), fp32 weights. TRL trains a transformers
 `Gemma3ForCausalLM` built from the same weights (`config_to_hf` + our state dict under `model.`);
 the two models' logits are compared once before any timing.
+
+Precision (`--autocast`): "none" (the default) trains both libraries in plain fp32; "bf16" trains
+both with bf16 autocast over fp32 master weights (gemmalab `model.autocast="bfloat16"`; TRL
+`bf16=True, use_cpu=True`, i.e. accelerate's `torch.autocast("cpu", torch.bfloat16)` around the
+model's forward). `--with-fp32-baseline` also runs gemmalab in fp32 in the same invocation, so the
+report gives gemmalab bf16 / gemmalab fp32 and gemmalab bf16 / TRL bf16. `gemmalab.cpu.describe()`
+(CPU model, ISA flags, kernel variant, bf16 support, machine load) goes into the results.
 
 Data: a deterministic JSONL of chat records made from CPython stdlib docstrings
 (user: "Explain `name`.", assistant: the docstring). Both libraries pack the records into rows of
@@ -26,6 +34,7 @@ Ratio = gemmalab tokens/s / TRL tokens/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import inspect
@@ -44,6 +53,9 @@ INSTALL_HINT = ("bench_sft.py compares against Hugging Face TRL, which is not in
                 "Install it (it is a benchmark-only dependency, never needed by gemmalab):\n"
                 "    pip install trl datasets\n"
                 "(from a checkout with the CPU torch pin: pip install -c constraints.txt trl datasets)")
+
+# --autocast -> gemmalab's model.autocast (pinned: "auto" would pick bf16 on a CPU with native bf16).
+GEMMALAB_AUTOCAST = {"none": "none", "bf16": "bfloat16"}
 
 # Modules whose public docstrings make the data set, in this order.
 DOC_MODULES = [
@@ -111,8 +123,8 @@ def child_gemmalab(a: argparse.Namespace) -> dict:
 
     _setup_threads(a.threads)
     total = a.warmup + a.steps
-    out_dir = Path(a.workdir) / "gemmalab_run"
-    raw = {"model": {"dtype": "float32"},
+    out_dir = Path(a.workdir) / ("gemmalab_run" if a.autocast == "none" else f"gemmalab_run_{a.autocast}")
+    raw = {"model": {"dtype": "float32", "autocast": GEMMALAB_AUTOCAST[a.autocast]},
            "data": {"train": [str(Path(a.workdir) / "data.jsonl")], "seq_len": a.seq_len,
                     "batch_size": a.batch_size, "train_on": "model"},
            "optim": {"lr": a.lr, "grad_accum": 1, "weight_decay": 0.0, "grad_clip": 1.0},
@@ -144,7 +156,7 @@ def child_gemmalab(a: argparse.Namespace) -> dict:
                                f"stream {s['target']}")
         steps.append(dict(step=r["step"], wall_s=target / r["tokens_per_s"], input=s["input"],
                           slots=s["slots"], target=target, loss=r["loss"]))
-    return dict(library="gemmalab", steps=steps, train_call_s=wall,
+    return dict(library="gemmalab", autocast=a.autocast, steps=steps, train_call_s=wall,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 torch=torch.__version__, optimizer=describe_optimizer(cfg),
                 loss_mask="train_on='model' (model turns: content + <end_of_turn>)")
@@ -264,7 +276,7 @@ def child_trl(a: argparse.Namespace) -> dict:
             per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
             learning_rate=a.lr, weight_decay=0.0, max_grad_norm=1.0, max_steps=total,
             logging_steps=1, save_strategy="no", report_to=[], assistant_only_loss=assistant_only,
-            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=0,
+            use_cpu=True, bf16=a.autocast == "bf16", fp16=False, gradient_checkpointing=False, seed=0,
             dataloader_num_workers=0, disable_tqdm=True)
 
     hf.train()
@@ -292,7 +304,8 @@ def child_trl(a: argparse.Namespace) -> dict:
                           compute_s=times["end"][i] - times["begin"][i], input=b["input"],
                           target=b["target"], shape=b["shape"],
                           loss=losses[i - 1] if i - 1 < len(losses) else None))
-    return dict(library="trl", steps=steps,
+    return dict(library="trl", autocast=a.autocast, bf16_arg=bool(trainer.args.bf16),
+                mixed_precision=str(getattr(trainer.accelerator, "mixed_precision", None)), steps=steps,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 trl=trl.__version__, transformers=transformers.__version__, torch=torch.__version__,
                 optimizer=str(trainer.args.optim.value if hasattr(trainer.args.optim, "value")
@@ -318,9 +331,12 @@ def child_profile(a: argparse.Namespace) -> dict:
     from gemmalab.train.sft import build_model_and_tokenizer, make_optimizer
 
     _setup_threads(a.threads)
-    cfg = build_config({"data": {"train": [str(Path(a.workdir) / "data.jsonl")],
+    cfg = build_config({"model": {"autocast": GEMMALAB_AUTOCAST[a.autocast]},
+                        "data": {"train": [str(Path(a.workdir) / "data.jsonl")],
                                  "seq_len": a.seq_len, "batch_size": a.batch_size},
                         "optim": {"lr": a.lr}, "run": {"device": "cpu", "threads": a.threads}})
+    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast == "bf16"
+           else contextlib.nullcontext())  # as train_sft's LossModule does
     model, tok = build_model_and_tokenizer(cfg, torch.device("cpu"))
     opt = make_optimizer(model, cfg)
     batches = iter(PackedDataset(cfg.data.train, tok, cfg.data.seq_len, cfg.data.batch_size, seed=0))
@@ -330,11 +346,12 @@ def child_profile(a: argparse.Namespace) -> dict:
         b = next(batches)
         norm = max(1.0, float((b["targets"] != IGNORE_INDEX).sum()))
         t.append(time.perf_counter())
-        h = model.hidden_states(b["input_ids"], b["positions"], segment_ids=b["segment_ids"])
-        t.append(time.perf_counter())
-        loss = chunked_cross_entropy(h, model.embed_tokens.weight, b["targets"],
-                                     softcap=model.config.final_logit_softcapping, normalizer=norm)
-        t.append(time.perf_counter())
+        with amp:
+            h = model.hidden_states(b["input_ids"], b["positions"], segment_ids=b["segment_ids"])
+            t.append(time.perf_counter())
+            loss = chunked_cross_entropy(h, model.embed_tokens.weight, b["targets"],
+                                         softcap=model.config.final_logit_softcapping, normalizer=norm)
+            t.append(time.perf_counter())
         loss.backward()
         t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -375,14 +392,21 @@ def child_profile(a: argparse.Namespace) -> dict:
         except Exception as e:  # noqa: BLE001 - report it, keep the rest
             adamw[name] = f"failed: {type(e).__name__}: {e}"[:200]
         gc.collect()
-    return dict(phases=phases, table=table, adamw=adamw)
+    return dict(phases=phases, table=table, adamw=adamw, autocast=a.autocast)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Parent
 
-def run_child(which: str, a: argparse.Namespace, timeout: int = 900) -> dict:
-    result = Path(a.workdir) / f"result_{which}.json"
+def run_child(which: str, a: argparse.Namespace, timeout: int = 900, autocast: str | None = None,
+              name: str | None = None, machine: dict | None = None) -> dict:
+    """Run one child; `autocast` overrides --autocast, `name` the result's name (default: which);
+    `machine` (`gemmalab.cpu.describe()`) is recorded in the result."""
+    from gemmalab.cpu import machine_load
+
+    name = name or which
+    autocast = autocast or a.autocast
+    result = Path(a.workdir) / f"result_{name}.json"
     result.unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -390,20 +414,24 @@ def run_child(which: str, a: argparse.Namespace, timeout: int = 900) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--result", str(result),
            "--workdir", a.workdir, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
            "--warmup", str(a.warmup), "--steps", str(a.steps), "--lr", str(a.lr),
-           "--threads", str(a.threads)]
-    print(f"[{which}] running ...", flush=True)
+           "--threads", str(a.threads), "--autocast", autocast]
+    print(f"[{name}] running ({'bf16 autocast' if autocast == 'bf16' else 'fp32'}) ...", flush=True)
     t0 = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    load_before, machine_before = os.getloadavg()[0], machine_load()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    load_after = os.getloadavg()[0]
+    load_after, machine_after = os.getloadavg()[0], machine_load()
     if proc.returncode != 0 or not result.exists():
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"[{which}] failed (exit {proc.returncode})")
+        raise SystemExit(f"[{name}] failed (exit {proc.returncode})")
     out = json.loads(result.read_text())
     out["process_s"] = time.perf_counter() - t0
     out["loadavg"] = (load_before, load_after)
+    out["machine_load"] = dict(before=machine_before, after=machine_after)
+    out.setdefault("autocast", autocast)
+    if machine is not None:
+        out["cpu"] = machine
     result.write_text(json.dumps(out))
-    print(f"[{which}] done in {out['process_s']:.0f} s", flush=True)
+    print(f"[{name}] done in {out['process_s']:.0f} s", flush=True)
     return out
 
 
@@ -452,34 +480,63 @@ def flop_split(gs: dict) -> dict:
     return dict(n_body=n_body, n_embed=n_embed, body=body, head=head, recompute=head / 4)
 
 
-def write_report(a, g, t, gs, ts, prof, path: Path) -> str:
+def describe_machine(machine: dict | None) -> str:
+    """One line from `gemmalab.cpu.describe()`: model, flags, bf16, kernels, load."""
+    if not machine:
+        return cpu_name()
+    load = machine.get("load", {})
+    running = f", {load['procs_running']} runnable" if "procs_running" in load else ""
+    return (f"{machine['cpu']} ({machine['id']}; {', '.join(machine['flags']) or 'no SIMD flags'}); "
+            f"bf16 autocast by default: {'yes' if machine['bf16'] else 'no'}; quantized kernels "
+            f"{machine['kernels']}; load at start: 1-min average {load.get('loadavg_1m', float('nan')):.2f}"
+            f"{running} on {load.get('cores', os.cpu_count())} cores")
+
+
+def write_report(a, g, t, gs, ts, prof, path: Path, gf: dict | None = None, machine: dict | None = None) -> str:
+    """The Markdown report. g/t: gemmalab/TRL results at --autocast; gf: gemmalab fp32 (the baseline)."""
     def spread(r):
         w = [x["wall_s"] for x in r["steps"][a.warmup:]]
         return f"{min(w):.1f}-{max(w):.1f}"
 
+    bf16 = getattr(a, "autocast", "none") == "bf16"
+    gfs = summarize(gf, a.warmup) if gf else None
+    tag = " (bf16 autocast)" if bf16 else ""
+    runs = [("gemmalab" + tag, gs, g)] + ([("gemmalab (fp32)", gfs, gf)] if gf else []) + [
+        ("TRL SFTTrainer" + tag, ts, t)]
     ratio = gs["input_tok_s"] / ts["input_tok_s"]
     ratio_t = gs["target_tok_s"] / ts["target_tok_s"]
     ratio_c = gs["input_tok_s"] / ts["compute_input_tok_s"]
     today = datetime.date.today().isoformat()
+    flags = " --autocast bf16" if bf16 else ""
+    flags += " --with-fp32-baseline" if gf else ""
     lines = [
-        "# Training throughput: gemmalab vs transformers + TRL SFTTrainer",
+        "# Training throughput: gemmalab vs transformers + TRL SFTTrainer" + (", bf16 autocast" if bf16 else ""),
         "",
-        f"`python bench/bench_sft.py` on {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores visible), "
+        f"`python bench/bench_sft.py{flags}` on {machine['cpu'] if machine else cpu_name()} "
+        f"({platform.machine()}, {os.cpu_count()} cores visible), "
         f"{today}, {a.threads} threads per run; torch {g['torch']}, transformers {t['transformers']}, "
         f"TRL {t['trl']}. Both libraries in the same invocation, one subprocess each, one after the other.",
         "",
         "| library | input tok/s | target tok/s | s/step | input tok/step | target tok/step | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|",
-        f"| gemmalab | {gs['input_tok_s']:.1f} | {gs['target_tok_s']:.1f} | {gs['step_s']:.2f} | "
-        f"{gs['input_per_step']:.0f} | {gs['target_per_step']:.0f} | {g['peak_rss_mb']:.0f} |",
-        f"| TRL SFTTrainer | {ts['input_tok_s']:.1f} | {ts['target_tok_s']:.1f} | {ts['step_s']:.2f} | "
-        f"{ts['input_per_step']:.0f} | {ts['target_per_step']:.0f} | {t['peak_rss_mb']:.0f} |",
+    ]
+    lines += [f"| {name} | {x['input_tok_s']:.1f} | {x['target_tok_s']:.1f} | {x['step_s']:.2f} | "
+              f"{x['input_per_step']:.0f} | {x['target_per_step']:.0f} | {r['peak_rss_mb']:.0f} |"
+              for name, x, r in runs]
+    lines += [
         "",
-        f"**Ratio (gemmalab / TRL), input tokens/s: {ratio:.2f}x** (target tokens/s: {ratio_t:.2f}x). "
-        f"Goal: >= 1.5x — {'met' if ratio >= 1.5 else 'not met'}.",
+        f"**Ratio (gemmalab{' bf16' if bf16 else ''} / TRL{' bf16' if bf16 else ''}), input tokens/s: "
+        f"{ratio:.2f}x** (target tokens/s: {ratio_t:.2f}x). Goal: >= 1.5x — {'met' if ratio >= 1.5 else 'not met'}.",
         "",
     ]
-    busy = max(g["loadavg"][1], t["loadavg"][1])
+    if gf:
+        lines += [
+            f"**gemmalab bf16 / gemmalab fp32, input tokens/s: {gs['input_tok_s'] / gfs['input_tok_s']:.2f}x** "
+            f"(target tokens/s: {gs['target_tok_s'] / gfs['target_tok_s']:.2f}x): what bf16 autocast buys "
+            f"gemmalab on this CPU. gemmalab fp32 / TRL bf16: {gfs['input_tok_s'] / ts['input_tok_s']:.2f}x.",
+            "",
+        ]
+    busy = max([g["loadavg"][1], t["loadavg"][1]] + ([gf["loadavg"][1]] if gf else []))
     if busy > a.threads + 0.5:
         lines += [
             f"Caution: other jobs shared the {os.cpu_count()} cores during these runs (1-minute load "
@@ -495,8 +552,16 @@ def write_report(a, g, t, gs, ts, prof, path: Path) -> str:
         "",
         "## Settings",
         "",
-        "* Model: Gemma 3 270M (the embedded GGUF, dequantized), fp32 weights, fp32 compute, no autocast, "
-        "no activation checkpointing (TRL: `gradient_checkpointing=False`, `bf16=False`), full fine-tuning.",
+        ("* Model: Gemma 3 270M (the embedded GGUF, dequantized), fp32 master weights, bf16 autocast: "
+         "gemmalab `model.autocast = \"bfloat16\"` (the transformer blocks' matmuls in bf16; the chunked "
+         "LM-head cross-entropy upcasts to fp32), TRL `bf16=True, use_cpu=True` (accelerate wraps the "
+         f"model's forward in `torch.autocast(\"cpu\", torch.bfloat16)`; mixed precision "
+         f"`{t.get('mixed_precision')}`)"
+         + (", and gemmalab once more in fp32 (`model.autocast = \"none\"`)" if gf else "")
+         + "; no activation checkpointing (TRL: `gradient_checkpointing=False`), full fine-tuning."
+         if bf16 else
+         "* Model: Gemma 3 270M (the embedded GGUF, dequantized), fp32 weights, fp32 compute, no autocast, "
+         "no activation checkpointing (TRL: `gradient_checkpointing=False`, `bf16=False`), full fine-tuning."),
         f"* Same weights: transformers `Gemma3ForCausalLM` ({t['attn']} attention) built from "
         f"`config_to_hf` + our state dict; logits on a 6-token prompt differ by at most "
         f"{t['logits_max_abs_diff']:.1e} (same argmax everywhere: {t['same_top1']}).",
@@ -525,17 +590,24 @@ def write_report(a, g, t, gs, ts, prof, path: Path) -> str:
         "'input' counts real tokens (no padding), 'target' the trained ones. Model loading, dataset "
         "preparation and warm-up are excluded. Peak RSS is each subprocess's `ru_maxrss` (includes "
         "loading; TRL's also holds gemmalab's copy of the weights during the logits check).",
+        f"* CPU: {describe_machine(machine)} (`gemmalab.cpu.describe()`, recorded in the results).",
         f"* The machine is shared: 1-minute load average before/after the gemmalab run "
-        f"{g['loadavg'][0]:.1f}/{g['loadavg'][1]:.1f}, the TRL run {t['loadavg'][0]:.1f}/{t['loadavg'][1]:.1f} "
+        f"{g['loadavg'][0]:.1f}/{g['loadavg'][1]:.1f}"
+        + (f", the gemmalab fp32 run {gf['loadavg'][0]:.1f}/{gf['loadavg'][1]:.1f}" if gf else "")
+        + f", the TRL run {t['loadavg'][0]:.1f}/{t['loadavg'][1]:.1f} "
         f"(each run itself keeps {a.threads} threads busy).",
         "",
-        f"Per-step times (s), warm-up included; timed steps range {spread(g)} s (gemmalab) and "
-        f"{spread(t)} s (TRL):",
+        f"Per-step times (s), warm-up included; timed steps range {spread(g)} s (gemmalab{' bf16' if bf16 else ''})"
+        + (f", {spread(gf)} s (gemmalab fp32)" if gf else "") + f" and {spread(t)} s (TRL{' bf16' if bf16 else ''}):",
         "",
         "| step | " + " | ".join(str(x["step"]) for x in g["steps"]) + " |",
         "|---|" + "---|" * len(g["steps"]),
-        "| gemmalab | " + " | ".join(f"{x['wall_s']:.2f}" for x in g["steps"]) + " |",
-        "| TRL | " + " | ".join(f"{x['wall_s']:.2f}" for x in t["steps"]) + " |",
+        f"| gemmalab{' bf16' if bf16 else ''} | " + " | ".join(f"{x['wall_s']:.2f}" for x in g["steps"]) + " |",
+    ]
+    if gf:
+        lines.append("| gemmalab fp32 | " + " | ".join(f"{x['wall_s']:.2f}" for x in gf["steps"]) + " |")
+    lines += [
+        f"| TRL{' bf16' if bf16 else ''} | " + " | ".join(f"{x['wall_s']:.2f}" for x in t["steps"]) + " |",
         "",
     ]
     if prof:
@@ -556,7 +628,8 @@ def write_report(a, g, t, gs, ts, prof, path: Path) -> str:
         lines += [
             "### Reading", "",
             "* The step is matmul-bound: `aten::mm` / `aten::addmm_` lead the profile, and backward is the "
-            "largest phase. Both libraries run the same fp32 matmuls through the same torch CPU kernels, "
+            f"largest phase. Both libraries run the same {'bf16 (autocast) block' if bf16 else 'fp32'} "
+            "matmuls through the same torch CPU kernels, "
             "and TRL 1.16 already avoids full logits (fused, chunked LM-head loss) and uses fused AdamW, "
             "so there is little overhead on TRL's side to win back; 1.5x has to come from doing less work.",
             f"* Rough matmul FLOPs per step: transformer blocks {f['body'] / 1e9:.0f} GFLOP "
@@ -575,11 +648,22 @@ def write_report(a, g, t, gs, ts, prof, path: Path) -> str:
                 f"`fused=True` (what TRL uses), ~{100 * (loop - fused) / gs['step_s']:.0f}% of a measured "
                 f"step. The for-loop path also allocates full-size temporaries per parameter (the "
                 f"168M-entry embedding), part of gemmalab's higher peak RSS.")
-        lines += [
-            "* This CPU reports `avx512_bf16`; bf16 autocast (off on CPU by default) would change the "
-            "matmul cost for both libraries, but it is not the fp32 comparison measured here.",
-            "",
-        ]
+        has_bf16 = machine["bf16"] if machine else False
+        if not bf16:
+            lines.append(
+                "* This CPU has native bf16, where gemmalab's `model.autocast = \"auto\"` trains with bf16 "
+                "autocast; this comparison pins fp32 for both libraries (`--autocast bf16 "
+                "--with-fp32-baseline` measures bf16)." if has_bf16 else
+                "* This CPU has no native bf16 (AVX512_BF16 / AMX-BF16), so fp32 is what gemmalab trains in "
+                "by default here.")
+        else:
+            lines.append(
+                "* Under bf16 autocast the blocks' matmuls run in bf16"
+                + (" on the CPU's native bf16 dot products" if has_bf16 else
+                   " without native bf16 dot products on this CPU (converted to fp32 for the math)")
+                + "; gemmalab's chunked LM-head loss stays fp32 (it upcasts), so the head's share of the "
+                "FLOPs above is not sped up.")
+        lines.append("")
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -595,6 +679,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autocast", choices=sorted(GEMMALAB_AUTOCAST), default="none",
+                    help="'none': both libraries in fp32 (the default); 'bf16': both with bf16 autocast over\n"
+                         "fp32 master weights (gemmalab model.autocast='bfloat16', TRL bf16=True)")
+    ap.add_argument("--with-fp32-baseline", action="store_true",
+                    help="with --autocast bf16: also run gemmalab in fp32, for the bf16 / fp32 ratio")
     ap.add_argument("--workdir", default=None, help="data and run outputs (default: a temp directory)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "training.md"))
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
@@ -615,44 +704,75 @@ def main() -> None:
         print(INSTALL_HINT, file=sys.stderr)
         sys.exit(2)
 
-    keys = ("records", "seq_len", "batch_size", "warmup", "steps", "lr", "threads")
+    keys = ("records", "seq_len", "batch_size", "warmup", "steps", "lr", "threads", "autocast",
+            "with_fp32_baseline")
+    gf = None
     if a.report_only:
         if not a.workdir:
             raise SystemExit("--report-only needs --workdir (a previous run's work directory)")
         wd = Path(a.workdir)
-        for k, v in json.loads((wd / "settings.json").read_text()).items():
+        settings = json.loads((wd / "settings.json").read_text())
+        settings.setdefault("autocast", "none")  # results from before --autocast were fp32
+        settings.setdefault("with_fp32_baseline", False)
+        for k, v in settings.items():
             setattr(a, k, v)
         g, t = (json.loads((wd / f"result_{n}.json").read_text()) for n in ("gemmalab", "trl"))
+        if a.with_fp32_baseline:
+            gf = json.loads((wd / "result_gemmalab_fp32.json").read_text())
         prof_file = wd / "result_profile.json"
         prof = json.loads(prof_file.read_text()) if prof_file.exists() else None
+        machine_file = wd / "machine.json"
+        machine = json.loads(machine_file.read_text()) if machine_file.exists() else g.get("cpu")
         gs, ts = summarize(g, a.warmup), summarize(t, a.warmup)
         ratio = gs["input_tok_s"] / ts["input_tok_s"]
     else:
+        if a.with_fp32_baseline and a.autocast != "bf16":
+            raise SystemExit("--with-fp32-baseline is the fp32 reference of a bf16 run: add --autocast bf16")
+        if str(ROOT) not in sys.path:  # the children get it through PYTHONPATH
+            sys.path.insert(0, str(ROOT))
+        from gemmalab.cpu import describe
+
         a.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_sft_")
         Path(a.workdir).mkdir(parents=True, exist_ok=True)
         (Path(a.workdir) / "settings.json").write_text(json.dumps({k: getattr(a, k) for k in keys}))
+        machine = describe()
+        (Path(a.workdir) / "machine.json").write_text(json.dumps(machine, indent=2))
+        print(f"cpu: {describe_machine(machine)}", flush=True)
         records = make_records(a.records)
         with open(Path(a.workdir) / "data.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         print(f"data: {len(records)} records -> {a.workdir}/data.jsonl", flush=True)
 
-        g = run_child("gemmalab", a)
-        t = run_child("trl", a)
+        g = run_child("gemmalab", a, machine=machine)
+        if a.with_fp32_baseline:
+            gf = run_child("gemmalab", a, autocast="none", name="gemmalab_fp32", machine=machine)
+        t = run_child("trl", a, machine=machine)
         gs, ts = summarize(g, a.warmup), summarize(t, a.warmup)
         ratio = gs["input_tok_s"] / ts["input_tok_s"]
         prof = None
         if a.profile == "always" or (a.profile == "auto" and ratio < 1.5):
             prof = run_child("profile", a)
 
+    bf16 = a.autocast == "bf16"
+    gfs = summarize(gf, a.warmup) if gf else None
     print()
-    print(f"{'library':<10} {'input tok/s':>12} {'target tok/s':>13} {'s/step':>7} {'peak RSS MB':>12}")
-    for name, s, r in (("gemmalab", gs, g), ("TRL", ts, t)):
-        print(f"{name:<10} {s['input_tok_s']:>12.1f} {s['target_tok_s']:>13.1f} {s['step_s']:>7.2f} "
+    if machine:
+        print(f"cpu: {machine['cpu']}; load at start {machine['load'].get('loadavg_1m', float('nan')):.2f} "
+              f"(1-min average, {machine['load'].get('cores')} cores); precision: "
+              f"{'bf16 autocast' if bf16 else 'fp32'}")
+    print(f"{'library':<15} {'input tok/s':>12} {'target tok/s':>13} {'s/step':>7} {'peak RSS MB':>12}")
+    rows = [("gemmalab" + (" bf16" if bf16 else ""), gs, g)] + ([("gemmalab fp32", gfs, gf)] if gf else []) \
+        + [("TRL" + (" bf16" if bf16 else ""), ts, t)]
+    for name, s, r in rows:
+        print(f"{name:<15} {s['input_tok_s']:>12.1f} {s['target_tok_s']:>13.1f} {s['step_s']:>7.2f} "
               f"{r['peak_rss_mb']:>12.0f}")
-    print(f"ratio (gemmalab / TRL): {ratio:.2f}x input tokens/s, "
+    print(f"ratio (gemmalab / TRL{', both bf16' if bf16 else ''}): {ratio:.2f}x input tokens/s, "
           f"{gs['target_tok_s'] / ts['target_tok_s']:.2f}x target tokens/s; "
           f"vs TRL compute-only: {gs['input_tok_s'] / ts['compute_input_tok_s']:.2f}x")
+    if gf:
+        print(f"ratio (gemmalab bf16 / gemmalab fp32): {gs['input_tok_s'] / gfs['input_tok_s']:.2f}x input "
+              f"tokens/s, {gs['target_tok_s'] / gfs['target_tok_s']:.2f}x target tokens/s")
     print(f"TRL loss mask: {t['loss_mask']}; logits max |diff| {t['logits_max_abs_diff']:.1e}")
     if prof:
         print("\nwhere the time goes (one gemmalab step):")
@@ -660,7 +780,7 @@ def main() -> None:
             print(f"  {k:<28} {v:6.2f} s")
         for k, v in prof["adamw"].items():
             print(f"  AdamW {k:<22} {v:6.2f} s" if isinstance(v, float) else f"  AdamW {k:<22} {v}")
-    write_report(a, g, t, gs, ts, prof, Path(a.out))
+    write_report(a, g, t, gs, ts, prof, Path(a.out), gf=gf, machine=machine)
     print(f"\nwrote {a.out}")
 
 

@@ -6,6 +6,11 @@ import torch
 # Offline always: tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# fp32 training by default, also on CPUs with native bf16 (where model.autocast = "auto" picks bf16):
+# the exact-resume, accumulation, torchrun and parity tests compare fp32 numbers. Set here, at import,
+# so the CLI and torchrun subprocesses inherit it; tests of bf16 itself set model.autocast or this
+# variable explicitly (tests/test_train_bf16.py).
+os.environ.setdefault("GEMMALAB_CPU_BF16", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -23,7 +23,9 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer source for a preset model (GGUF file or HF directory)
     arch: dict = field(default_factory=dict)  # Gemma3Config fields replacing the preset's (hidden_size, ...)
     dtype: str = "float32"  # parameter (master weight) dtype
-    autocast: str = "auto"  # "auto": bf16 autocast on GPU, none on CPU (no fast bf16); "bfloat16"; "none"
+    # "auto": bf16 autocast on GPU, and on CPUs with native bf16 (AVX512_BF16 / AMX-BF16, see
+    # gemmalab.cpu.cpu_bf16; GEMMALAB_CPU_BF16=0|1 overrides), fp32 elsewhere; "bfloat16"; "none" (fp32)
+    autocast: str = "auto"
     activation_checkpointing: bool = False
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -140,14 +141,45 @@ class LossModule(torch.nn.Module):
 
 
 def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training (fp32 master weights either way), or None for plain fp32.
+
+    model.autocast = "auto": bf16 on CUDA; on CPU bf16 where `gemmalab.cpu.cpu_bf16()` says so (the
+    CPU has native bf16 dot products, AVX512_BF16 or AMX-BF16; GEMMALAB_CPU_BF16=0|1 overrides),
+    fp32 elsewhere. "bfloat16" and "none" force the choice.
+    """
+    return autocast_choice(cfg, device)[0]
+
+
+def autocast_choice(cfg: SFTConfig, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None, the one line the run logs about it)."""
+    from .. import cpu
+
     choice = cfg.model.autocast
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if choice == "none":
-        return None
-    if choice != "bfloat16":
+    if choice not in ("auto", "bfloat16", "none"):
         raise ValueError(f"model.autocast must be 'auto', 'bfloat16' or 'none', got {choice!r}")
-    return torch.bfloat16
+    if choice == "none":
+        return None, "autocast: none (fp32; model.autocast='none')"
+    if choice == "bfloat16":
+        slow = ("; this CPU has no native bf16 (AVX512_BF16 / AMX-BF16), so bf16 may be slower than fp32"
+                if device.type == "cpu" and not cpu.native_bf16() else "")
+        return torch.bfloat16, f"autocast: bf16 (model.autocast='bfloat16'{slow})"
+    if device.type == "cuda":
+        return torch.bfloat16, "autocast: bf16 (CUDA; model.autocast='none' for fp32)"
+    if device.type != "cpu":
+        return None, f"autocast: none (fp32 on {device.type}; model.autocast='bfloat16' to force bf16)"
+    forced = os.environ.get("GEMMALAB_CPU_BF16", "").strip()
+    if cpu.cpu_bf16():
+        why = (f"GEMMALAB_CPU_BF16={forced}" if forced else
+               "CPU has " + ("AVX512_BF16" if cpu.has("avx512_bf16") else "AMX-BF16"))
+        return torch.bfloat16, (f"autocast: bf16 ({why}; GEMMALAB_CPU_BF16=0 or model.autocast='none' "
+                                "for fp32)")
+    if forced:
+        why = f"GEMMALAB_CPU_BF16={forced}"
+    elif cpu.native_bf16():
+        why = f"torch's CPU capability is {torch.backends.cpu.get_cpu_capability()}, below AVX512"
+    else:
+        why = "this CPU has no native bf16 (AVX512_BF16 / AMX-BF16)"
+    return None, f"autocast: none (fp32: {why}; model.autocast='bfloat16' to force bf16)"
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -215,7 +247,7 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
     out = Path(cfg.run.out_dir)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step, tokens_seen = 0, 0
+    step, tokens_seen, state = 0, 0, {}
     if resume and ckpt.latest(out) is not None:
         state = ckpt.load(ckpt.latest(out), model, optimizer, scheduler, data)
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -225,7 +257,14 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
     metrics_log = (ckpt.MetricsLog(out / "metrics.jsonl", truncate_after=step,
                                    fields=ckpt.MetricsLog.FIELDS + tuple(extra_fields))
                    if rank == 0 else None)
-    step_module = LossModule(model, autocast_dtype(cfg, device), loss_fn)
+    amp_dtype, amp_note = autocast_choice(cfg, device)
+    amp_name = "none" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    if rank == 0:
+        print(f"gemmalab train: {amp_note}", file=sys.stderr, flush=True)
+        if resume and state.get("autocast", amp_name) != amp_name:
+            print(f"gemmalab train: note: the checkpoint was trained with autocast "
+                  f"{state['autocast']}, this run continues with {amp_name}", file=sys.stderr, flush=True)
+    step_module = LossModule(model, amp_dtype, loss_fn)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         step_module = DistributedDataParallel(step_module)
@@ -277,7 +316,7 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
             bar.update(1)
         if rank == 0 and (step % cfg.run.save_every == 0 or step == cfg.run.steps):
             ckpt.save(out, step, model, optimizer, scheduler, data,
-                      dict(tokens_seen=tokens_seen), keep=cfg.run.keep_checkpoints)
+                      dict(tokens_seen=tokens_seen, autocast=amp_name), keep=cfg.run.keep_checkpoints)
     if bar:
         bar.close()
     if metrics_log:
