@@ -87,6 +87,11 @@ def worker_gemmalab(mode: str, threads: int, out: dict) -> None:
                          drafted=spec["drafted"], accepted=spec["accepted"],
                          verify_steps=spec["verify_steps"], new_tokens=spec["new_tokens"])
     out["peak_rss"] = peak_rss()
+    from gemmalab import cpu
+    out["bf16_prefill"] = cpu.cpu_bf16() and mode != "fp32"
+    if mode != "fp32":
+        from gemmalab.quant import kernels
+        out["isa"], out["pool"] = kernels.isa(), kernels.pool_stats()
     head = getattr(model.embed_tokens, "head", None)
     if head is not None:  # why batching gains little here: the LM head's cost per row at 1 and 8 rows
         ops = torch.ops.gemmalab
@@ -232,8 +237,10 @@ def worker_kv(threads: int, long_context: bool, out: dict) -> None:
 
 # ---- orchestration ------------------------------------------------------------------------------
 
-def run_worker(args: list[str], timeout: int = 3600) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(ARGS.threads), GEMMALAB_QUIET_BUILD="1")
+def run_worker(args: list[str], timeout: int = 3600, extra_env: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(ARGS.threads), GEMMALAB_QUIET_BUILD="1", **(extra_env or {}))
+    from gemmalab.cpu import machine_load
+    load = machine_load()
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
@@ -242,6 +249,7 @@ def run_worker(args: list[str], timeout: int = 3600) -> dict:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - t
+    result["load_before"] = load
     print(f"  {' '.join(args)}: done in {result['wall_s']:.0f} s", file=sys.stderr)
     return result
 
@@ -251,8 +259,8 @@ def fmt(x, spec=".1f", unit=""):
 
 
 def write_report(results: dict, path: Path) -> str:
-    engines = [e for e in ("gemmalab native", "gemmalab q8", "gemmalab fp32", "llama.cpp", "transformers")
-               if e in results]
+    engines = [e for e in ("gemmalab native", "gemmalab native (avx2 kernels)", "gemmalab q8", "gemmalab fp32",
+                           "llama.cpp", "transformers") if e in results]
     llama, v = results.get("llama.cpp", {}), results["versions"]
     lines = [
         "# CPU inference: gemmalab vs llama.cpp vs transformers",
@@ -262,6 +270,16 @@ def write_report(results: dict, path: Path) -> str:
         f"{v.get('llama_cpp', 'n/a')}, transformers {v.get('transformers', 'n/a')}. Model: the "
         "embedded Gemma 3 270M Q4_K_M GGUF for every engine. Each engine ran in its own process, one "
         "after the other, in the same invocation; ratios are within this run.",
+        "",
+        f"CPU: {results['cpu']['cpu']} ({results['cpu']['id']}), flags {', '.join(results['cpu']['flags'])}. "
+        f"gemmalab kernels: {results['cpu']['kernels']} (the best variant this CPU runs; the "
+        "'avx2 kernels' row forces the baseline with GEMMALAB_ISA=avx2); bf16 prefill products "
+        f"(quantized modes, more than 32 rows): {'on' if results['cpu']['bf16'] else 'off'}. "
+        f"llama.cpp: {results.get('llama_system_info', 'n/a')}. Machine load before each engine "
+        "(1-minute load average): " + ", ".join(
+            f"{e} {results[e]['load_before'].get('loadavg_1m', 0):.2f}" for e in
+            ("gemmalab native", "gemmalab native (avx2 kernels)", "llama.cpp")
+            if e in results and "load_before" in results[e]) + ".",
         "",
         "| engine | load (s) | prefill 128 (tok/s) | prefill 2048 (tok/s) | decode (tok/s) | batch-8 decode (tok/s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|",
@@ -289,11 +307,15 @@ def write_report(results: dict, path: Path) -> str:
     if "decode_tok_s" in nat and "batch8_tok_s" in nat:
         lines += ["", f"Batch-8 decode throughput / single-stream decode (gemmalab native): "
                       f"**{nat['batch8_tok_s'] / nat['decode_tok_s']:.2f}x**."]
+        a2 = results.get("gemmalab native (avx2 kernels)", {})
+        if "batch8_tok_s" in a2 and "decode_tok_s" in a2:
+            lines[-1] += f" With the avx2 kernels: {a2['batch8_tok_s'] / a2['decode_tok_s']:.2f}x."
         if "head_ms_8" in nat:
-            lines += ["", f"The int8 LM head (262,144 x 640) takes {nat['head_ms_1']:.1f} ms for 1 row and "
-                          f"{nat['head_ms_8']:.1f} ms for 8 rows ({nat['head_ms_8'] / 8:.1f} ms per row): "
-                          "past one row the step is bound by integer multiply throughput, not by "
-                          "reading the weights (see the README's roofline note)."]
+            lines += ["", f"The int8 LM head (262,144 x 640, Q8_0) takes {nat['head_ms_1']:.1f} ms for 1 row and "
+                          f"{nat['head_ms_8']:.1f} ms for 8 rows ({nat['head_ms_8'] / 8:.1f} ms per row) "
+                          f"with the {nat.get('isa', '?')} kernels: one row reads the weights once "
+                          "(memory-bound), eight rows are bound by the integer dot products and their "
+                          "per-block fp32 scaling."]
     if "lookup" in nat:
         lk = nat["lookup"]
         lines += ["", "Prompt-lookup speculative decoding (gemmalab native, greedy, 128 new tokens, a "
@@ -304,8 +326,10 @@ def write_report(results: dict, path: Path) -> str:
     q = results.get("quality", {})
     if q and "error" not in q:
         lines += ["", "Quality of the quantized modes against fp32 (the file's weights dequantized), "
-                      "teacher-forced on 2048 tokens; `prefill` = `lm.logits` (long prompts: fp32 "
-                      "activations), `decode` = the fused decode kernels (8-bit activations, as every "
+                      "teacher-forced on 2048 tokens; `prefill` = `lm.logits` (long prompts: dequantized "
+                      "weights, " + ("bf16 products with fp32 accumulation on this CPU"
+                                     if results.get("cpu", {}).get("bf16") else "fp32 products") +
+                      "), `decode` = the fused decode kernels (8-bit activations, as every "
                       "generated token is computed):", "",
                   "| mode | text | path | top-1 agreement | mean KL (nats) |", "|---|---|---|---|---|"]
         for key in sorted(k for k in q if "/" in k):
@@ -347,18 +371,28 @@ def main() -> None:
         results["notes"] = ["llama-cpp-python is not installed: run bash bench/setup_llama_cpp.sh."]
     import transformers
     versions["transformers"] = transformers.__version__
-    jobs = [("gemmalab native", ["gemmalab", "native"]), ("gemmalab q8", ["gemmalab", "q8"]),
-            ("gemmalab fp32", ["gemmalab", "fp32"])]
+    from gemmalab import cpu
+    results["cpu"] = cpu.describe()
+    try:
+        import llama_cpp
+        results["llama_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+    except Exception:  # noqa: BLE001
+        pass
+    jobs = [("gemmalab native", ["gemmalab", "native"], None)]
+    if cpu.avx512_supported():
+        jobs.append(("gemmalab native (avx2 kernels)", ["gemmalab", "native"], {"GEMMALAB_ISA": "avx2"}))
+    jobs += [("gemmalab q8", ["gemmalab", "q8"], None), ("gemmalab fp32", ["gemmalab", "fp32"], None)]
     if "llama_cpp" in versions:
-        jobs.append(("llama.cpp", ["llama"]))
+        jobs.append(("llama.cpp", ["llama"], None))
     if not ARGS.skip_transformers:
-        jobs.append(("transformers", ["transformers"]))
-    jobs += [("quality", ["quality"]), ("kv", ["kv"] + (["--long-context"] if ARGS.long_context else []))]
-    for name, args in jobs:
+        jobs.append(("transformers", ["transformers"], None))
+    jobs += [("quality", ["quality"], None),
+             ("kv", ["kv"] + (["--long-context"] if ARGS.long_context else []), None)]
+    for name, args, env in jobs:
         if ARGS.only and name not in ARGS.only:
             continue
         print(f"running {name} ...", file=sys.stderr)
-        results[name] = run_worker(args)
+        results[name] = run_worker(args, extra_env=env)
     out = ROOT / "docs" / "benchmarks.md"
     print(write_report(results, out))
     (ROOT / "docs" / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
