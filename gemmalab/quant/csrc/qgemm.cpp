@@ -182,22 +182,14 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
   } else if constexpr (T == Q6_K) {
     // 256 values / 210 bytes: ql[128], qh[64], scales int8[16], d; value = d*sc*(u - 32),
     // one scale per 16 values. Each half of 128 values is four 32-value runs built from ql/qh.
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 210) {
       const float d = h2f(rd16(w + 208));
       const int8_t* sc = (const int8_t*)(w + 192);
       for (int half = 0; half < 2; ++half) {
         const uint8_t* ql = w + 64 * half;
         const uint8_t* qh = w + 128 + 32 * half;
-        const __m256i qlA = _mm256_loadu_si256((const __m256i*)ql);
-        const __m256i qlB = _mm256_loadu_si256((const __m256i*)(ql + 32));
-        const __m256i qhv = _mm256_loadu_si256((const __m256i*)qh);
         __m256i u[4];
-        u[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qhv, 4), m2));
-        u[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qhv, 2), m2));
-        u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qhv, m2));
-        u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
-                               _mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2));
+        unpack_q6k_half(ql, qh, u);
         const int8_t* scs = sc + 8 * half;
         for (int k = 0; k < 4; ++k) {
           const int sA = scs[2 * k], sB = scs[2 * k + 1];
@@ -262,15 +254,9 @@ void rows_all(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
 
 void run_rows_avx2(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
   switch (m.type) {
-    case Q4_0: return rows_all<Q4_0>(m, n0, n1, a, M);
-    case Q4_1: return rows_all<Q4_1>(m, n0, n1, a, M);
-    case Q5_0: return rows_all<Q5_0>(m, n0, n1, a, M);
-    case Q5_1: return rows_all<Q5_1>(m, n0, n1, a, M);
-    case Q8_0: return rows_all<Q8_0>(m, n0, n1, a, M);
-    case Q4_K: return rows_all<Q4_K>(m, n0, n1, a, M);
-    case Q6_K: return rows_all<Q6_K>(m, n0, n1, a, M);
-    case Q5_0_U8: return rows_all<Q5_0_U8>(m, n0, n1, a, M);
-    case Q8_0_SYM: return rows_all<Q8_0_SYM>(m, n0, n1, a, M);
+#define GL_CASE(T) case T: return rows_all<T>(m, n0, n1, a, M);
+    GL_FOR_EACH_KERNEL_TYPE(GL_CASE)
+#undef GL_CASE
   }
   
 }

@@ -109,6 +109,22 @@ static inline __m256 mins_k4(const uint8_t* q) {
   for (int j = 4; j < 8; ++j) m[j] = float((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
   return _mm256_load_ps(m);
 }
+// Q6_K: the four 32-code runs of one half super-block (128 values) from its ql / qh bytes.
+static inline void unpack_q6k_half(const uint8_t* ql, const uint8_t* qh, __m256i u[4]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+  const __m256i qlA = _mm256_loadu_si256((const __m256i*)ql);
+  const __m256i qlB = _mm256_loadu_si256((const __m256i*)(ql + 32));
+  const __m256i qhv = _mm256_loadu_si256((const __m256i*)qh);
+  u[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_and_si256(_mm256_slli_epi16(qhv, 4), m2));
+  u[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qhv, 2), m2));
+  u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qhv, m2));
+  u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
+                         _mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2));
+}
+
+// The weight types both kernel variants compute on, for their dispatch switches.
+#define GL_FOR_EACH_KERNEL_TYPE(X) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q4_K) X(Q6_K) X(Q5_0_U8) X(Q8_0_SYM)
+
 // Sum of u8 x s8 products of 32 bytes -> 8 int32 lanes.
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
