@@ -34,20 +34,21 @@ def _torch_has_bf16() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+def _cpuinfo() -> tuple[str, str, frozenset[str]]:
+    """(model name, 'family F model M', flags) of the first processor in /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and ":" in line:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line and not flags:
-                    flags = frozenset(line.split(":", 1)[1].split())
-                if flags and model and line.strip() == "":
-                    break
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return model, flags
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    ident = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return model, ident, frozenset(fields.get("flags", "").split())
 
 
 def cpu_model() -> str:
@@ -56,23 +57,11 @@ def cpu_model() -> str:
 
 def cpu_family() -> str:
     """'family F model M' from /proc/cpuinfo (Zen 1 is family 23, Zen 4 family 25 model 17)."""
-    fam = mod = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu family"):
-                    fam = line.split(":", 1)[1].strip()
-                elif line.startswith("model\t") or line.startswith("model :") or line.split(":")[0].strip() == "model":
-                    mod = line.split(":", 1)[1].strip()
-                if fam != "?" and mod != "?":
-                    break
-    except OSError:
-        pass
-    return f"family {fam} model {mod}"
+    return _cpuinfo()[1]
 
 
 def cpu_flags() -> frozenset[str]:
-    return _cpuinfo()[1]
+    return _cpuinfo()[2]
 
 
 def has(*flags: str) -> bool:

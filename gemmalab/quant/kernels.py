@@ -44,12 +44,10 @@ class KernelsUnavailable(RuntimeError):
 def cpu_supported() -> tuple[bool, str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"the quantized kernels need x86-64 (this is {platform.machine()})"
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
+    from .. import cpu
+    flags = cpu.cpu_flags()
     if flags:
-        missing = [f for f in ("avx2", "fma", "f16c") if f not in flags.split()]
+        missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
         if missing:
             return False, f"the quantized kernels need AVX2, FMA and F16C; this CPU lacks {', '.join(missing)}"
     return True, ""

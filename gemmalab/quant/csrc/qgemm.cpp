@@ -153,10 +153,8 @@ void dot_row(const uint8_t* w, const Act& a, int64_t row0, float* out, int64_t o
     __m256 mins[R];
     for (int r = 0; r < R; ++r) mins[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 144) {
-      const float d = h2f(rd16(w)), dmin = h2f(rd16(w + 2));
-      const __m256 wm = _mm256_mul_ps(_mm256_set1_ps(dmin), mins_k4(w + 4));
-      for (int r = 0; r < R; ++r)
-        mins[r] = _mm256_fmadd_ps(wm, _mm256_loadu_ps(a.das + (row0 + r) * nb32 + sb * 8), mins[r]);
+      const float d = h2f(rd16(w));
+      add_mins_k4<R>(w, a.das + row0 * nb32, nb32, sb, mins);
       const uint8_t* scales = w + 4;
       const uint8_t* qs = w + 16;
       for (int p = 0; p < 4; ++p) {

@@ -101,14 +101,6 @@ static inline __m256i bits_32(const uint8_t* p) {
   bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
   return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
-// Q4_K: sums of the 8 x 32 activation codes of a super-block times the 8 minimums, as a vector
-// (both variants): lanes j = m_j (0..63) as float.
-static inline __m256 mins_k4(const uint8_t* q) {
-  alignas(32) float m[8];
-  for (int j = 0; j < 4; ++j) m[j] = float(q[j + 4] & 63);
-  for (int j = 4; j < 8; ++j) m[j] = float((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-  return _mm256_load_ps(m);
-}
 // Q6_K: the four 32-code runs of one half super-block (128 values) from its ql / qh bytes.
 static inline void unpack_q6k_half(const uint8_t* ql, const uint8_t* qh, __m256i u[4]) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
@@ -134,6 +126,23 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 static inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
   if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
   else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+// Q4_K: the 8 six-bit minimums of a super-block's scales as floats.
+static inline __m256 mins_k4(const uint8_t* q) {
+  alignas(32) float m[8];
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, mn;
+    scale_min_k4(j, q, &sc, &mn);
+    m[j] = float(mn);
+  }
+  return _mm256_load_ps(m);
+}
+// Q4_K super-block sb of weight row w: mins[r] += dmin * m_j * das[r][8 sb + j] (8 lanes, j < 8).
+template <int R>
+static inline void add_mins_k4(const uint8_t* w, const float* das, int64_t nb32, int64_t sb, __m256* mins) {
+  const __m256 wm = _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(w + 2))), mins_k4(w + 4));
+  for (int r = 0; r < R; ++r) mins[r] = _mm256_fmadd_ps(wm, _mm256_loadu_ps(das + r * nb32 + sb * 8), mins[r]);
 }
 
 // out[r] = dot(weight row w (K values in blocks of type T), activation row r) for r < R.
