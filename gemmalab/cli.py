@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins = tools.add_parser("inspect", help="describe a store and verify every shard's checksum")
     ins.add_argument("store")
 
+    ev = sub.add_parser("eval", help="evaluate a model (perplexity, long context, HumanEval, lm-eval)")
+    evals = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    import importlib
+    from . import eval as eval_pkg
+    for name in eval_pkg.COMMANDS:
+        importlib.import_module(f"{eval_pkg.__name__}.{name}").add_cli(evals)
+
     pl = sub.add_parser("plot", help="write PNG curves of a training run")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
@@ -538,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
                "plot": cmd_plot, "export": cmd_export, "serve": cmd_serve,
-               "distill": cmd_distill}[args.command]
+               "distill": cmd_distill, "eval": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
     except (CheckpointError, ValueError, OSError, KernelsUnavailable, ImportError) as e:

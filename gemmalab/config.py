@@ -36,6 +36,9 @@ class Gemma3Config:
     rope_theta: float = 1_000_000.0  # global layers
     rope_local_base_freq: float = 10_000.0  # local layers
     rope_scaling_factor: float = 1.0  # linear (position-interpolation) factor, global layers only
+    # Linear factor on the *local* layers. Gemma never scales them (a local layer sees offsets < W
+    # only); != 1 exists solely to measure that pitfall (vLLM PR 29111), and is refused by export.
+    rope_local_scaling_factor: float = 1.0
     query_pre_attn_scalar: int = 256  # scores are multiplied by query_pre_attn_scalar ** -0.5
     max_position_embeddings: int = 32_768
     rms_norm_eps: float = 1e-6

@@ -1,6 +1,7 @@
 """`gemmalab.load()` and the LM object: a model, its tokenizer, and generation in one handle."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,7 +20,8 @@ Images = ImageInput | Sequence[ImageInput] | None
 
 
 def load(path: str | Path | None = None, *, mode: str = "auto", dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu") -> "LM":
+         device: str | torch.device = "cpu", rope_scaling_factor: float | None = None,
+         max_context: int | None = None, rope_local_scaling_factor: float | None = None) -> "LM":
     """Load a GGUF file or a Hugging Face directory; no path loads the embedded Gemma 3 270M.
 
     mode: "auto" (default) picks the fastest mode that meets the quality bar: "native" on a CPU
@@ -28,6 +30,12 @@ def load(path: str | Path | None = None, *, mode: str = "auto", dtype: torch.dty
     on the file's own quantized blocks (float checkpoints are quantized to Q8_0); "q8" puts every
     matrix in Q8_0. docs/benchmarks.md has the speed and quality of each mode. fp16 is refused:
     Gemma 3 activations overflow it (spec 10.1).
+
+    Long-context overrides (docs/eval.md): `rope_scaling_factor` replaces the checkpoint's linear
+    RoPE factor (positional interpolation, Chen et al. 2023) on the global layers only, as Gemma 3
+    did to reach 128K; `max_context` replaces the context length (positions beyond the trained one
+    are allowed, as llama.cpp allows them). `rope_local_scaling_factor` scales the local layers too:
+    a deliberate misconfiguration, for measuring that pitfall only.
     """
     from ._paths import default_model_path
     from .checkpoints import gguf as gguf_ckpt
@@ -71,6 +79,7 @@ def load(path: str | Path | None = None, *, mode: str = "auto", dtype: torch.dty
         else:
             blocks, tensors = gguf_ckpt.read_blocks(reader, path, BLOCK_TYPES)
         del reader  # unmaps the file
+    config = _override_rope(config, rope_scaling_factor, max_context, rope_local_scaling_factor)
     if mode == "fp32":
         model = build_model(config, tensors, dtype, device, source=path)
     else:
@@ -79,6 +88,24 @@ def load(path: str | Path | None = None, *, mode: str = "auto", dtype: torch.dty
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: {e}") from None
     return LM(model, tokenizer, path=path, load_seconds=time.perf_counter() - t0, mode=mode)
+
+
+def _override_rope(config, factor, max_context, local_factor):
+    changes = {}
+    for key, value in (("rope_scaling_factor", factor), ("rope_local_scaling_factor", local_factor)):
+        if value is not None:
+            if not (isinstance(value, (int, float)) and 0 < value <= 1024):
+                raise ValueError(f"{key} must be a number in (0, 1024], got {value!r}")
+            changes[key] = float(value)
+    if max_context is not None:
+        if not (isinstance(max_context, int) and max_context > 0):
+            raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
+        changes["max_position_embeddings"] = max_context
+    if not changes:
+        return config
+    if isinstance(config, Gemma3MultimodalConfig):
+        return dataclasses.replace(config, text=config.text.replace(**changes))
+    return config.replace(**changes)
 
 
 def build_model(config: Gemma3Config | Gemma3MultimodalConfig, tensors: dict[str, torch.Tensor],

@@ -173,6 +173,10 @@ def _hf_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _check_vocab(config: Gemma3Config, tokenizer) -> None:
+    if config.rope_local_scaling_factor != 1.0:  # neither format has a key for it (nor should)
+        raise ValueError("the model scales RoPE on its local layers (rope_local_scaling_factor "
+                         f"{config.rope_local_scaling_factor:g}), a diagnostic setting that GGUF and "
+                         "Hugging Face configs cannot express; reload without it to export")
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                          f"{config.vocab_size} embedding rows; they do not belong together")

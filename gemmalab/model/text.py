@@ -249,7 +249,8 @@ class Gemma3(nn.Module):
             start = cache.step if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        rope_local = rope_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, x.dtype)
+        rope_local = rope_tables(positions, c.head_dim, c.rope_local_base_freq,
+                                 c.rope_local_scaling_factor, x.dtype)
         rope_global = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, x.dtype)
         write = None
         if cache is None:

@@ -147,7 +147,8 @@ class FusedDecoder:
         c = model.config
         self.model, self.config = model, c
         self.inv_freq = {True: _rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
-                         False: _rope_inv_freq(c.head_dim, c.rope_local_base_freq, 1.0)}
+                         False: _rope_inv_freq(c.head_dim, c.rope_local_base_freq,
+                                                c.rope_local_scaling_factor)}
         self.layers = []
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
