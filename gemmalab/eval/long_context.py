@@ -23,7 +23,7 @@ import time
 import torch
 
 from .report import common_cli, finish, markdown_table, savefig
-from .scoring import document_hidden, score_document, score_hidden
+from .scoring import bulk_head, score_document, score_hidden
 
 __all__ = ["position_nll", "window_nll", "position_bins", "passkey_prompt", "passkey_case",
            "passkey_grid", "run_ruler", "rope_sweep", "long_document", "add_cli"]
@@ -80,13 +80,14 @@ def window_nll(model, ids, window: int = 512, progress=None) -> torch.Tensor:
     out[:first - 1] = score_document(model, ids[:first])
     if progress is not None:
         progress.update(first)
-    for s in range(first, T, W):  # targets s..e-1, context from s-W (+BOS in front)
-        e = min(s + W, T)
-        x = torch.cat([torch.tensor([bos]), ids[s - W:e - 1]]).to(model.device)
-        h = model.hidden_states(x[None])[0, W:]  # positions predicting ids[s:e]
-        out[s - 1:e - 1] = score_hidden(model, h, ids[s:e]).nll
-        if progress is not None:
-            progress.update(e - s)
+    with bulk_head(model):
+        for s in range(first, T, W):  # targets s..e-1, context from s-W (+BOS in front)
+            e = min(s + W, T)
+            x = torch.cat([torch.tensor([bos]), ids[s - W:e - 1]]).to(model.device)
+            h = model.hidden_states(x[None])[0, W:]  # positions predicting ids[s:e]
+            out[s - 1:e - 1] = score_hidden(model, h, ids[s:e]).nll
+            if progress is not None:
+                progress.update(e - s)
     return out
 
 

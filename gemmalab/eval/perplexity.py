@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .report import common_cli, finish, load_model, markdown_table
-from .scoring import TokenScores, score_hidden
+from .scoring import TokenScores, bulk_head, score_hidden
 
 __all__ = ["perplexity", "chunk_ids", "ppl_with_error", "read_text", "add_cli"]
 
@@ -106,7 +106,7 @@ def perplexity(lm, text: str | list[int], *, ctx: int = 512, chunks: int | None 
     t0 = time.perf_counter()
     bar = tqdm(total=len(pieces), unit="chunk", desc="perplexity", disable=not progress,
                dynamic_ncols=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), bulk_head(model, reference.model if reference else None):
         for s in range(0, len(pieces), batch):
             x = torch.tensor(pieces[s:s + batch], device=model.device)
             targets = x[:, first + 1:]

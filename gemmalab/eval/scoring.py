@@ -10,12 +10,23 @@ block goes through the model's own LM head (the quantized table's kernel in nati
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["TokenScores", "score_hidden", "document_hidden", "score_document"]
+__all__ = ["TokenScores", "score_hidden", "document_hidden", "score_document", "bulk_head"]
+
+
+def bulk_head(*models) -> contextlib.ExitStack:
+    """A context in which the quantized LM heads of `models` keep their table dequantized, for
+    scoring many blocks of positions (a no-op for fp32 models, whose table is already dense)."""
+    stack = contextlib.ExitStack()
+    for m in models:
+        if m is not None and hasattr(m.embed_tokens, "bulk_weights"):
+            stack.enter_context(m.embed_tokens.bulk_weights())
+    return stack
 
 
 @dataclass
@@ -66,14 +77,14 @@ def score_hidden(model, hidden: Tensor, targets: Tensor, *, ref_model=None,
     for s in range(0, hidden.shape[0], step):
         e = min(s + step, hidden.shape[0])
         tgt = targets[s:e, None]
-        logits = model.lm_head(hidden[s:e]).float()
+        logits = model.lm_head(hidden[s:e], bulk=True).float()
         logp = logits.log_softmax(-1)
         del logits
         nll = -logp.gather(1, tgt)[:, 0]
         if not with_ref:
             parts.append(TokenScores(nll.cpu()))
             continue
-        ref_logp = ref_model.lm_head(ref_hidden[s:e]).float().log_softmax(-1)
+        ref_logp = ref_model.lm_head(ref_hidden[s:e], bulk=True).float().log_softmax(-1)
         if ref_logp.shape[-1] != logp.shape[-1]:
             raise ValueError(f"the reference model has {ref_logp.shape[-1]} vocabulary entries, the "
                              f"model {logp.shape[-1]}; KL needs the same vocabulary")
@@ -103,6 +114,11 @@ def score_document(model, ids: Tensor, *, chunk: int = 512, progress=None,
                    logits_budget: int = 256 << 20) -> Tensor:
     """nll (T-1,): -log p(ids[p+1] | ids[:p+1]) for every p, with the full preceding context."""
     ids = torch.as_tensor(ids).reshape(-1)
+    with bulk_head(model):
+        return _score_document(model, ids, chunk, progress, logits_budget)
+
+
+def _score_document(model, ids, chunk, progress, logits_budget):
     out = []
     for s, h in document_hidden(model, ids, chunk):
         e = s + h.shape[0]

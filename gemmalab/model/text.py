@@ -215,9 +215,11 @@ class Gemma3(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, h: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """Logits of final-norm hidden states. bulk: many rows to score (evaluation), which a
+        quantized table may compute in its prefill way (QuantEmbedding.as_linear)."""
         as_linear = getattr(self.embed_tokens, "as_linear", None)  # a quantized table computes itself
-        logits = as_linear(h) if as_linear else h @ self.embed_tokens.weight.t()  # tied, unscaled
+        logits = as_linear(h, bulk) if as_linear else h @ self.embed_tokens.weight.t()  # tied, unscaled
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

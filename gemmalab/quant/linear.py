@@ -12,6 +12,8 @@ kernels of `gemmalab.quant.kernels`:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -111,11 +113,18 @@ class QuantEmbedding(nn.Module):
                                         ids.reshape(-1))
         return rows.view(*ids.shape, self.embedding_dim)
 
-    def as_linear(self, h: torch.Tensor) -> torch.Tensor:
+    def as_linear(self, h: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         # Only a few rows ever reach the LM head (the last position, decode steps, verification);
         # a long prompt's logits (lm.logits) go through in slices to bound the temporaries.
+        # bulk=True (scoring many positions, gemmalab.eval): beyond GEMV_MAX_ROWS rows, the table
+        # is dequantized once and multiplied like a prefill matrix, without the top-k refinement
+        # that only greedy decisions need.
         shape = h.shape
         h2 = h.reshape(-1, self.embedding_dim).float()
+        if bulk and h2.shape[0] > GEMV_MAX_ROWS:
+            w = self.__dict__.get("_bulk")
+            y = self.head(h2) if w is None else (h2.to(w.dtype) @ w.t()).float()
+            return y.view(*shape[:-1], self.num_embeddings)
         ops = kernels.ops()
         out = []
         for i in range(0, h2.shape[0], GEMV_MAX_ROWS):
@@ -125,6 +134,16 @@ class QuantEmbedding(nn.Module):
                            min(REFINE_TOP, self.num_embeddings))
             out.append(z)
         return torch.cat(out, 0).view(*shape[:-1], self.num_embeddings)
+
+    @contextlib.contextmanager
+    def bulk_weights(self):
+        """Keep the table dequantized (in the prefill dtype) while many blocks of rows are scored,
+        instead of dequantizing it for every block: +V x d x 2-4 bytes for the duration."""
+        self.__dict__["_bulk"] = self.head.dequantized().to(prefill_dtype())
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_bulk", None)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, "
