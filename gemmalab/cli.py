@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in eval_pkg.COMMANDS:
         importlib.import_module(f"{eval_pkg.__name__}.{name}").add_cli(evals)
 
+    from . import sandbox
+    sandbox.add_cli(sub)
+
     pl = sub.add_parser("plot", help="write PNG curves of a training run")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
@@ -545,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
                "plot": cmd_plot, "export": cmd_export, "serve": cmd_serve,
-               "distill": cmd_distill, "eval": lambda a: a.func(a)}[args.command]
+               "distill": cmd_distill, "eval": lambda a: a.func(a),
+               "sandbox": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
     except (CheckpointError, ValueError, OSError, KernelsUnavailable, ImportError) as e:

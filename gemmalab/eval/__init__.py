@@ -3,4 +3,4 @@
 `gemmalab eval COMMAND` runs them (`COMMANDS` names the modules; each has `add_cli(subparsers)`
 registering its subcommand with `func=`). This package never imports `gemmalab.train`.
 """
-COMMANDS = ("perplexity", "long_context", "harness")
+COMMANDS = ("perplexity", "long_context", "harness", "humaneval",)
