@@ -198,9 +198,7 @@ def _int(text):
 
 
 def report(res: dict) -> str:
-    from gemmalab.cpu import describe
-    d = describe()
-    lines = [f"Run {date.today()} on {d.get('model_name', '?')} ({res['cpu']}), {res['threads']} "
+    lines = [f"Run {res.get('date', date.today())} on {res['cpu']}, {res['threads']} "
              f"threads, load average before each engine in the JSON. `python bench/bench_eval.py`.\n"]
     if "ppl" in res:
         p = res["ppl"]
@@ -267,8 +265,12 @@ def main() -> None:
         return
     from gemmalab._paths import default_model_path
     from gemmalab.cpu import summary
-    res: dict = dict(threads=args.threads, cpu=summary())
+    res: dict = dict(threads=args.threads, cpu=summary(), date=str(date.today()))
     parts = args.parts.split(",")
+    saved = ROOT / "docs" / "eval_bench.json"
+    if saved.exists() and not args.no_docs:  # keep the parts not rerun this time
+        old = json.loads(saved.read_text())
+        res.update({k: old[k] for k in ("ppl", "passkey") if k in old and k not in parts})
     if "ppl" in parts:
         f32 = ensure_f32()
         n = str(args.chunks)

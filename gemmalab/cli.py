@@ -12,6 +12,11 @@ gemmalab distill cache --data DATA --out DIR [--teacher MODEL] [--k 256] [--temp
                                 run the teacher once and store K sampled ids + probabilities per token
 gemmalab distill inspect DIR    describe a teacher-logit store and verify its shards
 gemmalab plot RUN_DIR           PNG curves of a training run
+gemmalab eval perplexity FILE   llama-perplexity's protocol (--ctx, --chunks, --kl-reference MODEL)
+gemmalab eval long-context      NLL by position + window baseline, passkey, RULER-offline, RoPE sweep
+gemmalab eval humaneval         HumanEval pass@k, every program in the sandbox
+gemmalab eval harness --tasks T lm-evaluation-harness with gemmalab as the model
+gemmalab sandbox doctor|run F   what the code sandbox can do here; run one untrusted program
 
 Errors a user can cause (wrong path, corrupt file, prompt too long, bad flag values) print one line
 `gemmalab: error: ...` and exit with status 2 (usage) or 1 (everything else), never a traceback.
