@@ -15,6 +15,14 @@ log-softmax afterwards is excluded), which favours llama.cpp. gemmalab's time co
 Passkey: llama.cpp's examples/passkey prompts over length x depth, the same ids to both engines,
 greedy continuations of 8 tokens compared token for token and by the number they contain.
 Each engine runs in its own subprocess, one after the other, with the same threads.
+
+`--parts binary --llama-perplexity PATH` also runs llama.cpp's own `llama-perplexity` tool, which
+tokenizes the file itself, on the longest prefix of whole lines of the same text on which
+llama.cpp's tokenization equals gemmalab's; gemmalab reads the same file. llama-cpp-python builds
+only the libraries; the tool builds from the llama.cpp it vendors:
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+    cmake --build build --target llama-perplexity     # ~15 min on 2 cores
 """
 from __future__ import annotations
 
@@ -175,6 +183,57 @@ def worker_llama_passkey(threads: int, out: dict) -> None:
     out["rows"] = rows
 
 
+def agreeing_text() -> Path:
+    """The longest prefix of whole lines of the pydoc text that both tokenizers split alike."""
+    import llama_cpp
+    from pydoc_data.topics import topics
+
+    from gemmalab._paths import default_model_path
+    from gemmalab.checkpoints import gguf as g
+    from gemmalab.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(g.open_gguf(default_model_path()))
+    llm = llama_cpp.Llama(model_path=str(default_model_path()), vocab_only=True, verbose=False)
+    lines = "\n\n".join(topics[k] for k in sorted(topics)).split("\n")
+
+    def agree(n):
+        t = "\n".join(lines[:n]) + "\n"
+        return tok.encode(t, add_bos=True) == llm.tokenize(t.encode(), add_bos=True)
+    lo, hi = 10, len(lines)
+    while hi - lo > 1:  # agreement is checked again on the result below
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if agree(mid) else (lo, mid)
+    if not agree(lo):
+        raise SystemExit("no prefix of the text tokenizes alike in both engines")
+    path = CACHE / "agree.txt"
+    path.write_text("\n".join(lines[:lo]) + "\n")
+    return path
+
+
+def run_llama_perplexity(binary: str, model: Path, text: Path, threads: int) -> dict:
+    import re
+    env = dict(os.environ, LD_LIBRARY_PATH=str(Path(binary).resolve().parent))
+    t0 = time.perf_counter()
+    p = subprocess.run([binary, "-m", str(model), "-f", str(text), "-c", str(CTX), "-b", str(CTX),
+                        "-t", str(threads)], capture_output=True, text=True, timeout=3600, env=env)
+    out = p.stdout + p.stderr
+    m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", out)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"llama-perplexity failed: {out[-2000:]}")
+    running = [float(x) for x in re.findall(r"\[\d+\]([\d.]+),", out)]
+    return dict(ppl=float(m.group(1)), ppl_stderr=float(m.group(2)), running_ppl=running,
+                seconds=time.perf_counter() - t0)
+
+
+def worker_gemmalab_file(mode: str, path: str, threads: int, out: dict) -> None:
+    import torch
+
+    import gemmalab
+    from gemmalab.eval.perplexity import perplexity, read_text
+    torch.set_num_threads(threads)
+    r = perplexity(gemmalab.load(mode=mode), read_text(path), ctx=CTX)
+    out.update({k: r[k] for k in ("ppl", "ppl_stderr", "running_ppl", "tokens_scored", "seconds")})
+
+
 def run_worker(args: list[str], threads: int, timeout: int = 7200) -> dict:
     from gemmalab.cpu import machine_load
     load = machine_load()
@@ -223,6 +282,20 @@ def report(res: dict) -> str:
                   f"- llama.cpp's own tokenization of the same text equals gemmalab's: "
                   f"{l32['same_tokenization']} (first difference at token "
                   f"{l32['first_tokenization_difference']}), which is why both get the same ids.\n"]
+    if "binary" in res:
+        b = res["binary"]
+        lines += [f"### The llama-perplexity tool itself, ctx {CTX} "
+                  f"({b['gemmalab_fp32']['tokens_scored']} tokens scored: the first "
+                  f"{b['text_lines']} lines of pydoc topics, where both tokenizations agree)\n",
+                  "| | llama-perplexity | gemmalab eval perplexity | relative difference |",
+                  "|---|---|---|---|"]
+        for name, g, l in (("F32 export / fp32", b["gemmalab_fp32"], b["llama_f32"]),
+                           ("Q4_K_M / native", b["gemmalab_native"], b["llama_q4km"])):
+            lines.append(f"| {name} | {l['ppl']:.4f} +/- {l['ppl_stderr']:.5f} | {g['ppl']:.4f} +/- "
+                         f"{g['ppl_stderr']:.5f} | {100 * abs(g['ppl'] - l['ppl']) / l['ppl']:.3f}% |")
+        lines += ["", "Running estimates per chunk (llama-perplexity's `[1]x,[2]y`): llama.cpp F32 "
+                  + ", ".join(f"{x:.4f}" for x in b["llama_f32"]["running_ppl"]) + "; gemmalab fp32 "
+                  + ", ".join(f"{x:.4f}" for x in b["gemmalab_fp32"]["running_ppl"]) + ".\n"]
     if "passkey" in res:
         ours, theirs = res["passkey"]["gemmalab"]["rows"], res["passkey"]["llama"]["rows"]
         same_tok = sum(a["tokens"] == b["tokens"] for a, b in zip(ours, theirs))
@@ -249,6 +322,8 @@ def main() -> None:
     ap.add_argument("--parts", default="ppl,passkey")
     ap.add_argument("--passkey-mode", default="native")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--llama-perplexity", default=os.environ.get("LLAMA_PERPLEXITY"),
+                    help="path of a built llama-perplexity (for --parts binary)")
     args = ap.parse_args()
     if args.worker:
         out: dict = {}
@@ -259,6 +334,8 @@ def main() -> None:
             worker_llama_ppl(rest[0], int(rest[1]), args.threads, out)
         elif kind == "gemmalab_passkey":
             worker_gemmalab_passkey(rest[0], args.threads, out)
+        elif kind == "gemmalab_file":
+            worker_gemmalab_file(rest[0], rest[1], args.threads, out)
         elif kind == "llama_passkey":
             worker_llama_passkey(args.threads, out)
         print(json.dumps(out))
@@ -270,7 +347,7 @@ def main() -> None:
     saved = ROOT / "docs" / "eval_bench.json"
     if saved.exists() and not args.no_docs:  # keep the parts not rerun this time
         old = json.loads(saved.read_text())
-        res.update({k: old[k] for k in ("ppl", "passkey") if k in old and k not in parts})
+        res.update({k: old[k] for k in ("ppl", "binary", "passkey") if k in old and k not in parts})
     if "ppl" in parts:
         f32 = ensure_f32()
         n = str(args.chunks)
@@ -279,6 +356,17 @@ def main() -> None:
             llama_f32=run_worker(["llama_ppl", str(f32), n], args.threads),
             gemmalab_native=run_worker(["gemmalab_ppl", "native", n], args.threads),
             llama_q4km=run_worker(["llama_ppl", str(default_model_path()), n], args.threads))
+    if "binary" in parts:
+        if not args.llama_perplexity:
+            raise SystemExit("--parts binary needs --llama-perplexity PATH (see the docstring)")
+        f32, text = ensure_f32(), agreeing_text()
+        res["binary"] = dict(
+            text_lines=text.read_text().count("\n"),
+            llama_f32=run_llama_perplexity(args.llama_perplexity, f32, text, args.threads),
+            gemmalab_fp32=run_worker(["gemmalab_file", "fp32", str(text)], args.threads),
+            llama_q4km=run_llama_perplexity(args.llama_perplexity, default_model_path(), text,
+                                            args.threads),
+            gemmalab_native=run_worker(["gemmalab_file", "native", str(text)], args.threads))
     if "passkey" in parts:
         res["passkey"] = dict(mode=args.passkey_mode,
                               gemmalab=run_worker(["gemmalab_passkey", args.passkey_mode], args.threads),
