@@ -474,7 +474,7 @@ def add_cli(evals) -> None:
     p.add_argument("--tasks", required=True,
                    help="comma-separated task, group or tag names (globs work: 'arc_*'), or YAML "
                         "files")
-    common_cli(p)  # --model, --mode, --threads, --out, --json, --no-progress
+    common_cli(p, out_default="runs/eval/harness")  # --model, --mode, --threads, --out, --json, --no-progress
     p.add_argument("--output-path", dest="out", default=None, help="the same as --out (lm-eval's name)")
     p.add_argument("--model-args", default="",
                    help="lm-eval style key=value,... for the backend: pretrained, mode, "

@@ -354,7 +354,7 @@ def add_cli(evals) -> None:
     p.add_argument("--rope-factors", default="1,2,4", help="global-layer PI factors for rope-sweep")
     p.add_argument("--rope-length", default="8k", help="document tokens for rope-sweep")
     p.add_argument("--seed", type=int, default=0)
-    common_cli(p, out_default=None)
+    common_cli(p, out_default="runs/eval/long_context")
     p.set_defaults(func=run)
 
 

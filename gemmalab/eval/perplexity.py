@@ -179,7 +179,7 @@ def add_cli(evals) -> None:
                         "--kl-divergence (e.g. the fp32 or F32-export reference of a quantized model)")
     p.add_argument("--reference-mode", default="fp32", choices=["auto", "fp32", "native", "q8"],
                    help="compute mode of the reference (default fp32)")
-    common_cli(p)
+    common_cli(p, out_default="runs/eval/perplexity")
     p.set_defaults(func=run)
 
 
