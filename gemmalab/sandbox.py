@@ -49,7 +49,6 @@ host files and writes where uid 65534 may (/tmp, /var/tmp, /dev/shm).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import selectors

@@ -242,8 +242,7 @@ def run_ruler(lm, tasks, lengths, samples: int, *, seed: int = 0, max_new_tokens
 
 # ---- RoPE interpolation sweep ---------------------------------------------------------------------
 
-def rope_sweep(path, ids, factors, *, mode: str = "auto", pitfall: float | None = 2.0,
-               progress: bool = False) -> list[dict]:
+def rope_sweep(path, ids, factors, *, mode: str = "auto", pitfall: float | None = 2.0) -> list[dict]:
     """NLL by position of one document under global-layer PI factors (and one factor applied to
     every layer: the pitfall). Each row loads the model with the override."""
     import gemmalab
@@ -433,7 +432,7 @@ def run(args) -> int:
         ids = long_document(lm.tokenizer, n, args.doc)
         path = lm.path
         del lm
-        rows = rope_sweep(path, ids, _floats(args.rope_factors), mode=args.mode, progress=progress)
+        rows = rope_sweep(path, ids, _floats(args.rope_factors), mode=args.mode)
         result["rope_sweep"] = dict(doc=args.doc, tokens=n, rows=rows)
         md.append(f"## RoPE interpolation sweep ({args.doc}, {n} tokens)\n")
         md.append(markdown_table(["global factor", "local factor", "NLL first 511", "NLL all"],

@@ -147,7 +147,7 @@ def _singular(cfg) -> bool:
     return cfg["nq"] * cfg["nv"] == 1
 
 
-def _niah(rng: random.Random, task: str, cfg: dict, depth: float | None, units_for):
+def _niah(rng: random.Random, cfg: dict, depth: float | None):
     type_v = cfg["v"]
     keys, values, needles = [], [], []
     for _ in range(cfg["nk"]):
@@ -170,7 +170,7 @@ def _niah(rng: random.Random, task: str, cfg: dict, depth: float | None, units_f
     distractor_seed = rng.getrandbits(32)
 
     def build(n: int):
-        units = units_for(n, distractor_seed, cfg)
+        units = _haystack_units(n, distractor_seed, cfg)
         positions = [int(len(units) * d / 100) for d in depths]
         out = list(units)
         for pos, needle in sorted(zip(positions, needles), key=lambda x: x[0], reverse=True):
@@ -273,7 +273,7 @@ def generate(task: str, length: int, tokenizer, *, seed: int = 0, index: int = 0
     rng = random.Random(f"{task}/{length}/{seed}/{index}")
     kind = cfg["kind"]
     if kind == "niah":
-        build, answers = _niah(rng, task, cfg, depth, _haystack_units)
+        build, answers = _niah(rng, cfg, depth)
     elif kind == "vt":
         build, answers = _vt(rng, cfg)
     elif kind == "cwe":
