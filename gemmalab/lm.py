@@ -28,7 +28,9 @@ def load(path: str | Path | None = None, *, mode: str = "auto", dtype: torch.dty
     with AVX2/FMA/F16C, "fp32" elsewhere (and for multimodal checkpoints). "fp32" dequantizes every
     weight (the exact reference path; bf16 on GPU unless `dtype` says otherwise). "native" computes
     on the file's own quantized blocks (float checkpoints are quantized to Q8_0); "q8" puts every
-    matrix in Q8_0. docs/benchmarks.md has the speed and quality of each mode. fp16 is refused:
+    matrix in Q8_0; an SFP8 directory (`gemmalab export --to hf --dtype sfp8`) loads as "sfp8"
+    (1-byte weights decoded on the fly) or "fp32". docs/benchmarks.md has the speed and quality of
+    each mode. fp16 is refused:
     Gemma 3 activations overflow it (spec 10.1).
 
     Long-context overrides (docs/eval.md): `rope_scaling_factor` replaces the checkpoint's linear
@@ -46,6 +48,17 @@ def load(path: str | Path | None = None, *, mode: str = "auto", dtype: torch.dty
 
     t0 = time.perf_counter()
     device = torch.device(device)
+    if path is not None and Path(path).expanduser().is_dir():
+        from .checkpoints.sfp8 import is_sfp8_dir, load_sfp8
+        if is_sfp8_dir(Path(path).expanduser()):  # `gemmalab export --to hf --dtype sfp8`
+            if rope_scaling_factor or max_context or rope_local_scaling_factor:
+                raise ValueError("RoPE / context overrides are not supported for SFP8 checkpoints")
+            mode = "sfp8" if mode == "auto" else mode
+            if mode not in ("sfp8", "fp32"):
+                raise ValueError(f"an SFP8 checkpoint loads with mode 'sfp8' (weights decoded on the "
+                                 f"fly, 1 byte each at rest) or 'fp32', not {mode!r}")
+            model, tokenizer = load_sfp8(Path(path).expanduser(), mode=mode, device=device)
+            return LM(model, tokenizer, path=Path(path), load_seconds=time.perf_counter() - t0, mode=mode)
     if mode not in ("auto",) + MODES:
         raise ValueError(f"unknown mode {mode!r}; use auto, {', '.join(MODES)}")
     auto = mode == "auto"
