@@ -5,9 +5,11 @@ gemmalab chat                   interactive multi-turn chat (/reset clears, /ima
 gemmalab serve [--port 8000]    OpenAI-compatible server (chat/completions, streaming, batching)
 gemmalab info [--model PATH]    config, parameter counts, tensor types, KV-cache bytes
 gemmalab export SRC --to {hf,gguf} OUT [--dtype D] [--overwrite]
-                                write a model as a Hugging Face directory or a GGUF file
+                                write a model (or a QAT run) as a Hugging Face directory or a GGUF
+                                file; --dtype q4_0 / q4_0_channel (GGUF), sfp8 (HF directory)
 gemmalab train sft CONFIG       fine-tune (TOML/YAML config, section.key=value overrides, --resume)
 gemmalab train distill CONFIG   distil a student from a teacher-logit store or an online teacher
+gemmalab train qat CONFIG       quantization-aware training (Q4_0, int4 per channel, SFP8)
 gemmalab distill cache --data DATA --out DIR [--teacher MODEL] [--k 256] [--temperature T] ...
                                 run the teacher once and store K sampled ids + probabilities per token
 gemmalab distill inspect DIR    describe a teacher-logit store and verify its shards
@@ -173,14 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
 
     e = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
-    e.add_argument("src", metavar="SRC", help="GGUF file or Hugging Face directory")
+    e.add_argument("src", metavar="SRC", help="GGUF file, Hugging Face directory, or a `train qat` run")
     e.add_argument("--to", required=True, choices=["hf", "gguf"], help="output format")
     e.add_argument("out", metavar="OUT", help="output directory (hf) or .gguf file (gguf)")
     e.add_argument("--dtype", default=None,
-                   help="hf: fp32 or bf16 (default fp32); gguf: f32, f16 or q8_0 (default f16)")
+                   help="hf: fp32, bf16 or sfp8 (default fp32); gguf: f32, f16, q8_0, q4_0 or "
+                        "q4_0_channel (int4 per row as Q4_0 blocks; default f16; a QAT run: the format "
+                        "it trained on)")
+    e.add_argument("--embedding", choices=["q8_0", "f16", "f32"], default=None,
+                   help="q4_0 / q4_0_channel: the embedding's type (default q8_0; a QAT run: its own)")
+    e.add_argument("--rounding", choices=["ref", "rne"], default="ref",
+                   help="q4_0 / q4_0_channel ties: ref (ggml's, default) or rne (to even)")
+    e.add_argument("--sfp8-encoder", choices=["production", "exact_rne"], default=None,
+                   help="sfp8: gemma.cpp's production encoder (default) or exact round-to-nearest-even")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    t = sub.add_parser("train", help="train a model (recipes: sft)")
+    t = sub.add_parser("train", help="train a model (recipes: sft, distill, qat)")
     recipes = t.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     sft = recipes.add_parser("sft", help="supervised fine-tuning (full or LoRA)",
                              description="Fields of CONFIG (TOML/YAML) can be overridden as "
@@ -196,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("overrides", nargs="*", help="section.key=value")
     dst.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     dst.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    qat = recipes.add_parser("qat", help="quantization-aware training (Q4_0, int4 per channel, SFP8) "
+                             "self-distilled from the full-precision checkpoint",
+                             description="Fields of CONFIG (TOML/YAML) can be overridden as "
+                                         "section.key=value, e.g. qat.format=int4_channel run.steps=200. "
+                                         "Export the result with `gemmalab export RUN_DIR --to gguf OUT`.")
+    qat.add_argument("config", help="TOML or YAML config file")
+    qat.add_argument("overrides", nargs="*", help="section.key=value")
+    qat.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    qat.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     dc = sub.add_parser("distill", help="teacher-logit stores for distillation (cache, inspect)")
     tools = dc.add_subparsers(dest="tool", required=True, metavar="TOOL")
@@ -465,6 +485,17 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.recipe == "qat":
+        from .train.config import load_qat_config
+        from .train.qat import train_qat
+
+        cfg = load_qat_config(args.config, args.overrides)
+        last = train_qat(cfg, resume=args.resume, progress=not args.no_progress)
+        if last:
+            evals = "".join(f", {k} {last[k]:.4f}" for k in ("eval_ce", "eval_kl") if k in last)
+            print(f"step {last['step']}: loss {last['loss']:.4f}{evals}; checkpoints in {cfg.run.out_dir}; "
+                  f"export with: gemmalab export {cfg.run.out_dir} --to gguf OUT.gguf")
+        return 0
     if args.recipe == "distill":
         from .train.config import load_distill_config
         from .train.distill import train_distill
@@ -523,23 +554,51 @@ def cmd_export(args) -> int:
 
     from . import load
     from .checkpoints.export import GGUF_DTYPES, HF_DTYPES, save_gguf, save_hf
+    from .train.qat import EXPORT_DTYPE, is_qat_run, load_qat_run
 
-    if args.to == "hf" and args.dtype is not None and args.dtype.lower() not in HF_DTYPES:
-        raise ValueError(f"--dtype {args.dtype} is not a Hugging Face dtype; use fp32 or bf16")
+    t0 = time.perf_counter()
+    embedding, encoder = args.embedding, args.sfp8_encoder
+    if is_qat_run(args.src):
+        model, tokenizer, cfg = load_qat_run(args.src)
+        to, trained = EXPORT_DTYPE[cfg.qat.format]
+        if args.dtype is None and args.to == to:
+            args.dtype = trained
+        elif (args.to, args.dtype) != (to, trained):
+            shown = args.dtype or ("f16" if args.to == "gguf" else "fp32")
+            print(f"note: {args.src} was trained on {cfg.qat.format}; exporting it as --to {args.to} "
+                  f"--dtype {shown} rounds it on another grid (--to {to} --dtype {trained} keeps "
+                  "what it learned)", file=sys.stderr)
+        embedding = embedding or cfg.qat.embedding
+        encoder = encoder or cfg.qat.sfp8_encoder
+        if args.rounding != cfg.qat.rounding and cfg.qat.format != "sfp8":
+            print(f"note: the run trained on {cfg.qat.rounding} rounding, the export uses {args.rounding}",
+                  file=sys.stderr)
+        multimodal = False
+    else:
+        model = tokenizer = None
+    if args.to == "hf" and args.dtype is not None and args.dtype.lower() not in (*HF_DTYPES, "sfp8"):
+        raise ValueError(f"--dtype {args.dtype} is not a Hugging Face dtype; use fp32, bf16 or sfp8")
     if args.to == "gguf" and args.dtype is not None and args.dtype not in GGUF_DTYPES:
         raise ValueError(f"--dtype {args.dtype} is not a GGUF dtype; use {', '.join(GGUF_DTYPES)}")
-    t0 = time.perf_counter()
-    bf16 = args.to == "hf" and args.dtype is not None and HF_DTYPES[args.dtype.lower()] == torch.bfloat16
-    lm = load(args.src, mode="fp32", dtype=torch.bfloat16 if bf16 else torch.float32)
-    if lm.multimodal is not None:
+    if model is None:
+        bf16 = (args.to == "hf" and args.dtype is not None and args.dtype.lower() != "sfp8"
+                and HF_DTYPES[args.dtype.lower()] == torch.bfloat16)
+        lm = load(args.src, mode="fp32", dtype=torch.bfloat16 if bf16 else torch.float32)
+        model, tokenizer, multimodal = lm.model, lm.tokenizer, lm.multimodal is not None
+    if multimodal:
         print(f"note: {args.src} is multimodal; only its text decoder is exported (export of the "
               "vision encoder is not implemented)", file=sys.stderr)
-    if args.to == "hf":
-        out = save_hf(lm.model, lm.tokenizer, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    if args.to == "hf" and (args.dtype or "").lower() == "sfp8":
+        from .checkpoints.sfp8 import save_sfp8
+        out = save_sfp8(model, tokenizer, args.out, exact_rne=encoder == "exact_rne",
+                        overwrite=args.overwrite)
+        size = sum(f.stat().st_size for f in out.iterdir())
+    elif args.to == "hf":
+        out = save_hf(model, tokenizer, args.out, dtype=args.dtype, overwrite=args.overwrite)
         size = sum(f.stat().st_size for f in out.iterdir())
     else:
-        out = save_gguf(lm.model, lm.tokenizer, args.out, dtype=args.dtype or "f16",
-                        overwrite=args.overwrite)
+        out = save_gguf(model, tokenizer, args.out, dtype=args.dtype or "f16", overwrite=args.overwrite,
+                        embedding=embedding or "q8_0", rounding=args.rounding)
         size = out.stat().st_size
     print(f"wrote {out} ({_human(size)}) in {time.perf_counter() - t0:.1f} s")
     return 0

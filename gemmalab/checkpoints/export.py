@@ -34,11 +34,15 @@ from .gguf import _LAYER_NAMES, _TOP_NAMES, config_from_gguf
 from ..tokenizer import CHAT_TEMPLATE
 from .hf import config_to_hf
 
-__all__ = ["save_hf", "save_gguf", "ours_to_gguf", "HF_DTYPES", "GGUF_DTYPES", "CHAT_TEMPLATE"]
+__all__ = ["save_hf", "save_gguf", "ours_to_gguf", "HF_DTYPES", "GGUF_DTYPES", "GGUF_EMBEDDINGS",
+           "CHAT_TEMPLATE"]
 
 HF_DTYPES = {"fp32": torch.float32, "f32": torch.float32, "float32": torch.float32,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_0_channel")
+# q4_0 / q4_0_channel: the matrices in Q4_0 (per block of 32, or per output row with every block
+# carrying the row's fp16 scale: int4 per channel, lossless in Q4_0); the embedding in its own format.
+GGUF_EMBEDDINGS = ("q8_0", "f16", "f32")
 
 # Our parameter names -> GGUF names: gguf.py's tables, inverted (the table lives there, once).
 _GGUF_LAYER = {ours: gguf for gguf, ours in _LAYER_NAMES.items()}
@@ -286,9 +290,16 @@ def _sentencepiece_model(tokenizer, pieces: list[str], types: bytearray) -> byte
 # GGUF file
 
 def save_gguf(model, tokenizer, out_path: str | Path, dtype: str = "f16", *, name: str | None = None,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, embedding: str = "q8_0", rounding: str = "ref") -> Path:
     """Write a GGUF file as llama.cpp's converter would: dtype "f32", "f16" or "q8_0" for the 2-D
     weights; 1-D tensors (norms) in F32 with Gemma's +1 folded in; token_embd tied (no output.weight).
+
+    dtype "q4_0" writes the seven projections of every block as Q4_0 with ggml's reference rounding
+    (what `llama-quantize Q4_0` without an imatrix computes, and what `gemmalab train qat` trains on),
+    "q4_0_channel" as int4 per output row stored in Q4_0 blocks that share the row's scale; the
+    embedding (= tied LM head) then goes out as `embedding` ("q8_0", llama-quantize's fallback for
+    640-wide rows and lossless for a Q8_0 source; "f16", as in Google's QAT files; or "f32"), and
+    rounding="rne" breaks Q4_0 ties to even (a baseline; see gemmalab/quant/fake.py).
 
     Tensors are converted and written one at a time (no second copy of the model in memory).
     Refuses a config that GGUF readers (llama.cpp, gemmalab) would not reconstruct, e.g. a
@@ -298,6 +309,10 @@ def save_gguf(model, tokenizer, out_path: str | Path, dtype: str = "f16", *, nam
 
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; use one of {', '.join(GGUF_DTYPES)}")
+    if embedding not in GGUF_EMBEDDINGS:
+        raise ValueError(f"unknown embedding type {embedding!r}; use one of {', '.join(GGUF_EMBEDDINGS)}")
+    if rounding not in ("ref", "rne"):
+        raise ValueError(f"unknown Q4_0 rounding {rounding!r}; use 'ref' (ggml's) or 'rne'")
     out = Path(out_path).expanduser()
     config: Gemma3Config = model.config
     n_tokens = len(tokenizer)
@@ -307,17 +322,20 @@ def save_gguf(model, tokenizer, out_path: str | Path, dtype: str = "f16", *, nam
     tmp = _temp_name(out)
     writer = gguf.GGUFWriter(str(tmp), config.family)  # "gemma3" / "gemma2": llama.cpp's arch names
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "q4_0_channel": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     _add_model_metadata(writer, config, name or config.name, int(file_type))
     _add_tokenizer_metadata(writer, tokenizer)
     _check_gguf_config(writer.kv_data[0], config, n_tokens)
-    wanted = gguf.GGMLQuantizationType[dtype.upper()]
+    q4 = dtype.startswith("q4_0")
+    wanted = gguf.GGMLQuantizationType.Q4_0 if q4 else gguf.GGMLQuantizationType[dtype.upper()]
     state = model.state_dict()
     plan = {}
     for ours, t in state.items():
         shape = (min(t.shape[0], n_tokens), *t.shape[1:]) if ours == "embed_tokens.weight" else tuple(t.shape)
-        plan[ours] = qtype = _ggml_type(ours, shape, wanted)
-        if qtype == gguf.GGMLQuantizationType.Q8_0:
+        own = gguf.GGMLQuantizationType[embedding.upper()] if q4 and ours == "embed_tokens.weight" else wanted
+        plan[ours] = qtype = _ggml_type(ours, shape, own)
+        if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
             byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
             writer.add_tensor_info(ours_to_gguf(ours), byte_shape, np.dtype(np.uint8),
                                    int(np.prod(byte_shape)), raw_dtype=qtype)
@@ -332,7 +350,8 @@ def save_gguf(model, tokenizer, out_path: str | Path, dtype: str = "f16", *, nam
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for ours, t in state.items():
-            writer.write_tensor_data(_gguf_data(ours, t, plan[ours], n_tokens))
+            writer.write_tensor_data(_gguf_data(ours, t, plan[ours], n_tokens,
+                                                per_channel=dtype == "q4_0_channel", rounding=rounding))
         writer.close()
         os.replace(tmp, out)
     except BaseException:
@@ -353,8 +372,11 @@ def _ggml_type(ours: str, shape: tuple[int, ...], wanted):
     return wanted if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
 
-def _gguf_data(ours: str, t: torch.Tensor, qtype, n_tokens: int) -> np.ndarray:
+def _gguf_data(ours: str, t: torch.Tensor, qtype, n_tokens: int, *, per_channel: bool = False,
+               rounding: str = "ref") -> np.ndarray:
     import gguf
+
+    from ..quant.fake import q4_0_bytes
 
     w = t.detach().to(device="cpu", dtype=torch.float32)
     if ours == "embed_tokens.weight":
@@ -368,6 +390,8 @@ def _gguf_data(ours: str, t: torch.Tensor, qtype, n_tokens: int) -> np.ndarray:
         return data
     if qtype == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16)
+    if qtype == gguf.GGMLQuantizationType.Q4_0:  # bitwise gguf.quants for "ref" (tests/test_qat.py)
+        return q4_0_bytes(torch.from_numpy(data), per_channel=per_channel, rounding=rounding).numpy()
     return gguf.quants.quantize(data, qtype)
 
 

@@ -120,6 +120,40 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class QATSection:
+    """The quantization trained on. See gemmalab/train/qat.py, gemmalab/quant/fake.py and docs/qat.md."""
+    format: str = "q4_0"  # "q4_0" (int4, blocks of 32), "int4_channel" (int4, one scale per row), "sfp8"
+    rounding: str = "ref"  # q4_0 / int4_channel: "ref" (ggml's, what llama-quantize and our export do)
+    #                        or "rne" (ties to even); QAT should train on the grid it will be exported on
+    sfp8_encoder: str = "production"  # sfp8: "production" (gemma.cpp's Compress) or "exact_rne"
+    embedding: str = "q8_0"  # the embedding / tied LM head, frozen at "q8_0", "f16" or "f32"
+    modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    train_norms: bool = True  # the RMSNorm gains train alongside the fake-quantized matrices
+    tie_margin: float = 0.25  # q4_0 / int4_channel: weights on exact rounding ties start U(0, m) of a
+    #                           step inside their cell (fq unchanged; see quant.fake.move_off_ties); 0: off
+
+
+@dataclass
+class QATConfig:
+    """`gemmalab train qat`: distillation from the checkpoint's own probabilities into its
+    fake-quantized copy (Gemma 3 report §2.3). The [distill] section picks the targets: online by
+    default (full-vocabulary KD against the same checkpoint), or a teacher-logit store."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_on="all", seq_len=512, batch_size=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, betas=(0.9, 0.95),
+                                                                   warmup_steps=10))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/qat", save_every=50))
+    qat: QATSection = field(default_factory=QATSection)
+    distill: DistillSection = field(default_factory=lambda: DistillSection(mode="online", loss="full"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -253,3 +287,32 @@ def check_distill_config(cfg: DistillConfig) -> DistillConfig:
 def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> DistillConfig:
     raw = read_config_file(path) if path else {}
     return check_distill_config(build_config(apply_overrides(raw, list(overrides)), DistillConfig))
+
+
+def check_qat_config(cfg: QATConfig) -> QATConfig:
+    from ..quant.fake import EMBEDDING_FORMATS, FORMATS, PROJECTIONS, ROUNDINGS
+
+    q = cfg.qat
+    _one_of("qat.format", q.format, FORMATS)
+    _one_of("qat.rounding", q.rounding, ROUNDINGS)
+    _one_of("qat.sfp8_encoder", q.sfp8_encoder, ("production", "exact_rne"))
+    _one_of("qat.embedding", q.embedding, EMBEDDING_FORMATS)
+    bad = sorted(set(q.modules) - set(PROJECTIONS))
+    if bad or not q.modules:
+        raise ConfigError(f"qat.modules must name projections among {', '.join(PROJECTIONS)}, got {q.modules}")
+    if not 0.0 <= q.tie_margin < 0.5:
+        raise ConfigError(f"qat.tie_margin must be in [0, 0.5), got {q.tie_margin}")
+    if cfg.lora.rank:
+        raise ConfigError("QAT trains the quantized matrices themselves: set lora.rank = 0")
+    if cfg.model.preset:
+        raise ConfigError("QAT quantizes a trained checkpoint: set model.path (a GGUF file or HF "
+                          "directory; unset = the embedded 270M), not model.preset")
+    if cfg.distill.teacher is None and cfg.distill.mode == "online":
+        # the targets are the probabilities of the same, non-quantized checkpoint
+        cfg.distill.teacher = cfg.model.path
+    return check_distill_config(cfg)
+
+
+def load_qat_config(path: str | Path | None, overrides: list[str] = ()) -> QATConfig:
+    raw = read_config_file(path) if path else {}
+    return check_qat_config(build_config(apply_overrides(raw, list(overrides)), QATConfig))

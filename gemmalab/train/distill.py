@@ -38,8 +38,12 @@ from .teacher import head_logits, teacher_targets, topk_targets
 __all__ = ["train_distill", "distill_loss", "evaluate_on_store"]
 
 
-def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) a distillation job; return the last logged metrics."""
+def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
+                  student_hook=None) -> dict:
+    """Run (or resume) a distillation job; return the last logged metrics.
+
+    student_hook(model): called on the freshly built student before the optimizer sees it, e.g.
+    `gemmalab train qat` attaching fake quantization (train.qat)."""
     d = cfg.distill
     rank, world, device = setup_run(cfg)
     teacher, tokenizer = None, None
@@ -51,6 +55,8 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
     elif cfg.model.preset and not cfg.model.tokenizer:  # the student speaks the teacher's vocabulary
         tokenizer = tokenizer_of(d.teacher or store.teacher_path)
     model, tokenizer = build_model_and_tokenizer(cfg, device, tokenizer)
+    if student_hook is not None:
+        student_hook(model)
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"the teacher has {teacher.config.vocab_size} vocabulary entries, the student "
                          f"{model.config.vocab_size}: distillation needs the same vocabulary")
