@@ -3,10 +3,8 @@ loop, distillation brings the student closer to the teacher than next-token CE d
 is exact, torchrun with 2 processes follows 1 process, and the command line explains its errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import gemmalab
 from gemmalab.train.config import ConfigError, DistillConfig, build_config, check_distill_config
 from gemmalab.train.logit_store import StoreError, build_store
 
-from .distill_helpers import text_data, tiny_teacher_gguf
+from .distill_helpers import kill_and_resume, text_data, tiny_teacher_gguf
 
 CLI = [sys.executable, "-m", "gemmalab"]
 # Subprocesses import this checkout's gemmalab whatever their working directory or script location
@@ -124,30 +122,11 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path, mode="online"
     draws what the uninterrupted one drew. (Offline resume is the store stream's state,
     test_distill_store.py, through the same train_loop as SFT's resume test.)"""
     root, _, _ = setup
-    a, b = tmp_path / "a", tmp_path / "b"
-    raw_a, raw_b = (raw_config(root, out, mode, steps=16, loss="sampled") for out in (a, b))
-    for raw in (raw_a, raw_b):
+    raws = [raw_config(root, tmp_path / out, mode, steps=16, loss="sampled") for out in ("a", "b")]
+    for raw in raws:
         raw["run"]["save_every"] = 2
         raw["eval"] = {}
-    run = lambda raw, resume: subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(raw),
-                                                "1" if resume else "0"], env=ENV)
-    assert run(raw_a, False).wait(timeout=600) == 0
-    proc = run(raw_b, False)
-    deadline = time.time() + 300
-    latest = b / "checkpoints" / "latest"
-    while not (latest.exists() and latest.read_text().strip() >= "step-000006"):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = int((b / "checkpoints" / "latest").read_text().strip().split("-")[1])
-    assert 6 <= killed_at < 16
-    assert run(raw_b, True).wait(timeout=600) == 0
-    wa, wb = weights(a), weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise on CPU
-    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert la == lb
+    kill_and_resume(RUNNER, *raws, ENV)
 
 
 @pytest.mark.slow

@@ -5,10 +5,8 @@ file computes, QAT lowers KL(teacher || quantized student) below PTQ's, SIGKILL 
 llama.cpp-style per-channel files share one scale per row, and the command line explains its errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from gemmalab.quant.fake import (FakeQuantLinear, attach, fake_quant, fake_quant
                                  materialize, move_off_ties, q4_0_bytes, q4_0_codes, q4_0_ties)
 from gemmalab.train.config import ConfigError, QATConfig, build_config, check_qat_config
 
-from .distill_helpers import text_data, tiny_teacher_gguf
+from .distill_helpers import kill_and_resume, text_data, tiny_teacher_gguf
 
 REPO = str(Path(gemmalab.__file__).resolve().parents[1])
 ENV = dict(os.environ, OMP_NUM_THREADS="1",
@@ -330,34 +328,10 @@ train_qat(check_qat_config(build_config(json.loads(sys.argv[1]), QATConfig)), re
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
     root, teacher, data, _ = tiny
-    from safetensors.torch import load_file
-    a, b = tmp_path / "a", tmp_path / "b"
-    raws = [qat_raw(root, teacher, data, out, steps=16) for out in (a, b)]
+    raws = [qat_raw(root, teacher, data, tmp_path / out, steps=16) for out in ("a", "b")]
     for raw in raws:
         raw["run"]["save_every"] = 2
-    run = lambda raw, resume: subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(raw),
-                                                "1" if resume else "0"], env=ENV)
-    assert run(raws[0], False).wait(timeout=600) == 0
-    proc = run(raws[1], False)
-    deadline = time.time() + 300
-    latest = b / "checkpoints" / "latest"
-    while not (latest.exists() and latest.read_text().strip() >= "step-000006"):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = int(latest.read_text().strip().split("-")[1])
-    assert 6 <= killed_at < 16
-    assert run(raws[1], True).wait(timeout=600) == 0
-
-    def weights(out):
-        return load_file(str(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-                             / "model.safetensors"))
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert la == lb
+    kill_and_resume(RUNNER, *raws, ENV)
 
 
 # ---- configuration and command line ----------------------------------------------------------------
