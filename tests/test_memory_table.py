@@ -144,3 +144,115 @@ def test_memory_table_every_preset_and_markdown():
     assert "| gemma3-27b | weights | 54.86 / 54.0 (1.02x)" in md
     # no comparison at another context
     assert "Compared" not in memory.format_table(memory.memory_table(["gemma3-1b"], 8192))
+
+
+# ---- real files: memory.py's prediction against exported tensors (bench/memory_table.py --measure) --
+
+def _bench_memory_table():
+    """bench/memory_table.py as a module (its file_weights reads the exported files)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory_table.py"
+    spec = importlib.util.spec_from_file_location("bench_memory_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_export():
+    from .test_export import tiny_tokenizer
+    tok = tiny_tokenizer()
+    # 520 embedding rows for a 512-piece tokenizer: GGUF keeps the tokenizer's 512 (export.py), HF all
+    cfg = get_config("tiny").replace(query_pre_attn_scalar=16, vocab_size=520)
+    torch.manual_seed(0)
+    return Gemma3(cfg), tok
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q4_0_channel"])
+def test_gguf_q4_0_weight_bytes_equal_prediction(tmp_path, tiny_export, dtype):
+    import gguf
+
+    from gemmalab.checkpoints.export import save_gguf
+
+    model, tok = tiny_export
+    cfg = model.config
+    gguf_cfg = cfg.replace(vocab_size=len(tok))
+    bench = _bench_memory_table()
+    for embedding in ("q8_0", "f16", "f32"):
+        path = save_gguf(model, tok, tmp_path / f"{embedding}.gguf", dtype, embedding=embedding)
+        reader = gguf.GGUFReader(path)
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types.pop("token_embd.weight") == embedding.upper()
+        assert {v for k, v in types.items() if "norm" in k} == {"F32"}
+        assert {v for k, v in types.items() if "norm" not in k} == {"Q4_0"}
+        got = sum(int(t.n_bytes) for t in reader.tensors)
+        # Q4_0 blocks (int4_b32) for the matrices, the embedding as written, norms in F32
+        assert got == memory.weight_bytes(gguf_cfg, "int4_b32", embedding=embedding, vectors="f32")
+        assert bench.file_weights(path) == {"bytes": got, "tensors": len(reader.tensors),
+                                            "embedding": embedding, "vectors": "f32", "matrices": ["q4_0"]}
+        # per channel in Q4_0 costs what per block does: every block repeats the row's fp16 scale,
+        # 2 bytes per 32 weights instead of 2 per row (the ideal int4 per channel)
+        ideal = memory.weight_bytes(gguf_cfg, "int4", embedding=embedding, vectors="f32")
+        extra = sum(r * (c // 32 - 1) * 2 for t in memory.weight_tensors(cfg) if t.role == "matrix"
+                    for r, c in [t.shape])
+        assert got - ideal == extra > 0
+        assert path.stat().st_size > got  # plus the header and the tokenizer metadata
+
+
+def test_safetensors_weight_bytes_equal_prediction(tmp_path, tiny_export):
+    from gemmalab.checkpoints.export import save_hf
+    from gemmalab.checkpoints.sfp8 import save_sfp8
+
+    model, tok = tiny_export
+    cfg = model.config
+    bench = _bench_memory_table()
+    held = bench.file_weights(save_hf(model, tok, tmp_path / "bf16", dtype="bf16") / "model.safetensors")
+    assert (held["embedding"], held["vectors"], held["matrices"]) == ("bf16", "bf16", ["bf16"])
+    assert held["bytes"] == memory.weight_bytes(cfg, "bf16") == 2 * memory.parameter_counts(cfg)["total"]
+    # SFP8: 1-byte codes and an f32 scale per matrix; the embedding and the norms stay f32
+    held = bench.file_weights(save_sfp8(model, tok, tmp_path / "sfp8") / "model.safetensors")
+    assert (held["embedding"], held["vectors"], held["matrices"]) == ("f32", "f32", ["u8"])
+    assert held["bytes"] == memory.weight_bytes(cfg, "sfp8", embedding="f32", vectors="f32")
+
+
+def test_weight_bytes_storage_keywords():
+    cfg = PRESETS["tiny"]
+    base = memory.weight_bytes(cfg, "int4_b32")
+    emb, vec = cfg.embedding_parameters, memory.parameter_counts(cfg)["vectors"]
+    b32 = memory.FORMATS["int4_b32"].matrix(cfg.vocab_size, cfg.hidden_size)
+    assert memory.weight_bytes(cfg, "int4_b32", embedding="q8_0") == base - b32 + emb * 34 // 32
+    assert memory.weight_bytes(cfg, "int4_b32", embedding="f16") == memory.weight_bytes(
+        cfg, "int4_b32", embedding="bf16") == base - b32 + 2 * emb
+    assert memory.weight_bytes(cfg, "int4_b32", embedding="f32") == base - b32 + 4 * emb
+    assert memory.weight_bytes(cfg, "int4_b32", vectors="f32") == base + 2 * vec
+    for bad in ({"embedding": "q5_k"}, {"vectors": "q8_0"}):
+        with pytest.raises(ValueError, match="unknown"):
+            memory.weight_bytes(cfg, "int4_b32", **bad)
+    with pytest.raises(ValueError, match="unknown format"):
+        memory.weight_bytes(cfg, "q8_0")  # an embedding storage, not a matrix format
+
+
+def test_measured_rows_survive_the_fast_path(tmp_path, monkeypatch):
+    """Without --measure the script renders the rows kept in docs/qat_memory_measured.json."""
+    bench = _bench_memory_table()
+    row = {"file": "q4_0_channel-q8_0embd.gguf", "exporter": 'save_gguf(dtype="q4_0_channel")',
+           "format": "int4_b32", "size": 300_000_000, "directory": None, "weights": 240_000_000,
+           "tensors": 236, "embedding": "q8_0", "vectors": "f32", "matrices": ["q4_0"],
+           "predicted": 240_000_000, "table_convention": 150_000_000, "ideal_int4": 234_000_000,
+           "ideal_table_convention": 130_000_000}
+    measured = {"model": "gemma3-270m", "source": "x.gguf", "n_tokens": 262_144, "vocab_size": 262_144,
+                "command": "python bench/memory_table.py --measure", "commit": "abc", "date": "2025-01-01",
+                "rows": [row]}
+    json_file, doc = tmp_path / "measured.json", tmp_path / "qat.md"
+    json_file.write_text(__import__("json").dumps(measured))
+    monkeypatch.setattr(bench, "MEASURED", json_file)
+    monkeypatch.setattr(bench, "DOC", doc)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench, "meta_cross_check", lambda: "skipped")
+    bench.main(["--presets", "gemma3-270m"])
+    text = doc.read_text()
+    assert "### gemma3-270m measured" in text and "`python bench/memory_table.py --measure`" in text
+    assert "| 240,000,000 | 240,000,000 | 1.0000 |" in text and "ideal int4 per channel" in text
+    assert text.index("measured") < text.index(bench.END)

@@ -29,6 +29,11 @@ Which tensors each format applies to:
   int4 weights would be 0.95 GB, not 0.5.
 - **Vectors** stay bf16 in every format: RMSNorm and LayerNorm weights, SigLIP biases and the
   projector's norm. They are at most 0.021% of any real preset (the 270M).
+- **Exported files** (`weight_bytes(..., embedding=, vectors=)`): `embedding` also takes the
+  storage types of EMBEDDING_STORAGE (q8_0, f16, f32) and `vectors` f32. gemmalab's GGUF exports
+  hold the norms in F32 and the embedding as asked; its SFP8 directories hold both in f32.
+  `bench/memory_table.py --measure` checks these predictions against the exported 270M files,
+  byte for byte (docs/qat.md).
 - **The vision encoder** (SigLIP So400m, 416.9M, plus the 3.0 to 6.2M projector) is counted for the
   multimodal presets (gemma3-4b / 12b / 27b and the tiny vision ones). Pass `vision=False` to leave it
   out. The report's 4B / 12B / 27B are multimodal, and its quantized columns fit text + vision better
@@ -117,6 +122,18 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("int4_b32", "Int4 blocks=32", "18 B per 32 weights (Q4_0, 4.5 bpw)", _int4_blocks32),
     Format("sfp8", "SFP8", "1 B/weight + f32 scale per tensor", lambda r, c: r * c + 4),
 ]}
+
+# Further storage types, for the token embedding only (`weight_bytes(..., embedding=...)`): what
+# exported files use for it besides the formats above. GGUF's Q8_0 is 34 bytes (an fp16 scale + 32
+# int8) per block of 32 weights along a row, 8.5 bits per weight; F16 and F32 are 2 and 4 bytes.
+EMBEDDING_STORAGE: dict[str, Format] = {f.name: f for f in [
+    Format("q8_0", "Q8_0", "34 B per 32 weights (8.5 bpw)", lambda r, c: r * math.ceil(c / 32) * 34),
+    Format("f16", "F16", "2 B/weight", lambda r, c: 2 * r * c),
+    Format("f32", "F32", "4 B/weight", lambda r, c: 4 * r * c),
+]}
+# Bytes per element of a vector (norm, bias) for `weight_bytes(..., vectors=...)`: bf16 by default;
+# GGUF files and gemmalab's SFP8 directories store them in f32.
+VECTOR_STORAGE = {"bf16": 2, "f16": 2, "f32": 4}
 
 
 # ---- the report's Table 3 (GB) ------------------------------------------------------------------
@@ -228,19 +245,25 @@ def _text(config: AnyConfig) -> Gemma3Config:
 
 
 def weight_bytes(config: AnyConfig, fmt: str, *, embedding: str | None = None,
-                 vision: bool = True) -> int:
+                 vectors: str = "bf16", vision: bool = True) -> int:
     """Bytes of all weights in format `fmt` (a key of FORMATS): matrices in `fmt`, the token
-    embedding in `embedding` (default: `fmt`), vectors in bf16. A multimodal config includes the
-    vision encoder and projector unless `vision=False`."""
-    for f in (fmt, embedding or fmt):
-        if f not in FORMATS:
-            raise ValueError(f"unknown format {f!r}; use one of {', '.join(FORMATS)}")
+    embedding in `embedding` (default: `fmt`; a key of FORMATS or EMBEDDING_STORAGE), vectors in
+    `vectors` (a key of VECTOR_STORAGE, default bf16). A multimodal config includes the vision
+    encoder and projector unless `vision=False`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    emb = embedding or fmt
+    emb_formats = {**FORMATS, **EMBEDDING_STORAGE}
+    if emb not in emb_formats:
+        raise ValueError(f"unknown format {emb!r} for the embedding; use one of {', '.join(emb_formats)}")
+    if vectors not in VECTOR_STORAGE:
+        raise ValueError(f"unknown vector storage {vectors!r}; use one of {', '.join(VECTOR_STORAGE)}")
     total = 0
     for t in weight_tensors(config, vision=vision):
         if t.role == "vector":
-            total += VECTOR_BYTES * t.numel
+            total += VECTOR_STORAGE[vectors] * t.numel
         else:
-            total += FORMATS[(embedding or fmt) if t.role == "embedding" else fmt].matrix(*t.shape)
+            total += (emb_formats[emb] if t.role == "embedding" else FORMATS[fmt]).matrix(*t.shape)
     return total
 
 
