@@ -440,7 +440,8 @@ def main() -> None:
         docs = Path(args.docs)
         (docs / "qat_experiment.json").write_text(json.dumps(results, indent=1))
         plot(results, docs / "qat_curves.png")
-        replace_section(docs / "qat.md", BEGIN, END, markdown(results))
+        replace_section(docs / "qat.md", BEGIN, END, f"{BEGIN}\n{markdown(results)}\n{END}",
+                        "Quantization-aware training")
         log(f"wrote {docs / 'qat.md'}, qat_experiment.json, qat_curves.png")
 
 
