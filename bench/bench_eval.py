@@ -88,25 +88,15 @@ def worker_llama_ppl(path: str, n_chunks: int, threads: int, out: dict) -> None:
     ids = text_ids(n_chunks)
     llm = llama_cpp.Llama(model_path=path, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, n_threads=threads,
                           n_threads_batch=threads, logits_all=False, verbose=False)
-    ctx, V, first = llm._ctx.ctx, llm.n_vocab(), CTX // 2
+    from llama_chunks import decode_chunk  # bench/, the script's directory
+    first = CTX // 2
     batch = llama_cpp.llama_batch_init(CTX, 0, 1)
     n = min(n_chunks, len(ids) // CTX)
     nll, decode_s = [], 0.0
     for c in range(-1, n):  # chunk -1: warm-up, not scored
         chunk = list(ids[max(c, 0) * CTX:(max(c, 0) + 1) * CTX])
         chunk[0] = llm.token_bos()
-        llm._ctx.kv_cache_clear()
-        batch.n_tokens = CTX
-        for i, t in enumerate(chunk):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i >= first
-        t0 = time.perf_counter()
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-        dt = time.perf_counter() - t0
-        lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=((CTX - first) * V,))
-        lg = lg.reshape(CTX - first, V)[:CTX - 1 - first].astype(np.float64)
+        lg, dt = decode_chunk(llm, batch, chunk, first)
         if c < 0:
             continue
         decode_s += dt

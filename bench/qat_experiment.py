@@ -208,26 +208,15 @@ def llama_worker(paths: dict[str, str], chunks: list[list[int]], threads: int) -
     llms = {k: llama_cpp.Llama(model_path=p, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, n_threads=threads,
                                n_threads_batch=threads, logits_all=False, verbose=False)
             for k, p in paths.items()}
+    from llama_chunks import decode_chunk  # bench/, the script's directory
     first = CTX // 2
     n_scored = CTX - 1 - first
     out = {k: dict(nll=[], kl=[], same_top=[]) for k in paths}
+    batch = llama_cpp.llama_batch_init(CTX, 0, 1)
     for chunk in chunks:
         logp = {}
         for k, llm in llms.items():
-            ctx = llm._ctx.ctx
-            batch = llama_cpp.llama_batch_init(CTX, 0, 1)
-            llm._ctx.kv_cache_clear()
-            batch.n_tokens = CTX
-            for i, t in enumerate(chunk):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = i >= first
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise RuntimeError(f"llama_decode failed for {k}")
-            V = llm.n_vocab()
-            lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=((CTX - first) * V,))
-            lg = lg.reshape(CTX - first, V)[:n_scored].astype(np.float64)
-            llama_cpp.llama_batch_free(batch)
+            lg, _ = decode_chunk(llm, batch, chunk, first)
             m = lg.max(1, keepdims=True)
             lp = lg - (m + np.log(np.exp(lg - m).sum(1, keepdims=True)))
             logp[k] = lp
@@ -237,6 +226,7 @@ def llama_worker(paths: dict[str, str], chunks: list[list[int]], threads: int) -
             kl = (np.exp(ref) * (ref - logp[k])).sum(1)
             out[k]["kl"] += kl.tolist()
             out[k]["same_top"] += (ref.argmax(1) == logp[k].argmax(1)).tolist()
+    llama_cpp.llama_batch_free(batch)
     res = {}
     for k, v in out.items():
         x = np.array(v["nll"])

@@ -53,18 +53,23 @@ def q4_0_codes(w: Tensor, *, per_channel: bool = False, rounding: str = "ref") -
         raise ValueError(f"Q4_0 needs a matrix whose rows split into blocks of {QK4_0}, "
                          f"got shape {tuple(w.shape)}")
     rows, cols = w.shape
-    x = w.detach().float()
-    blocks = x if per_channel else x.reshape(-1, QK4_0)
-    imax = blocks.abs().argmax(dim=-1, keepdim=True)  # the first of equal magnitudes, as ggml
-    d = blocks.gather(-1, imax) / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    y = blocks * inv
+    y, d = _q4_0_scaled(w, per_channel)
     q = torch.trunc(y + 8.5) if rounding == "ref" else torch.round(y) + 8  # torch.round: half to even
     q = q.clamp_(0, 15).to(torch.uint8).reshape(rows, cols)
     d16 = d.to(torch.float16).reshape(rows, -1)
     if per_channel:
         d16 = d16.expand(rows, cols // QK4_0)
     return q, d16.contiguous()
+
+
+def _q4_0_scaled(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """(x / d per block (f32 1/d, ggml's order of operations), d = signed max / -8 per block)."""
+    x = w.detach().float()
+    blocks = x if per_channel else x.reshape(-1, QK4_0)
+    imax = blocks.abs().argmax(dim=-1, keepdim=True)  # the first of equal magnitudes, as ggml
+    d = blocks.gather(-1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return blocks * inv, d
 
 
 def q4_0_values(q: Tensor, d16: Tensor) -> Tensor:
@@ -209,14 +214,10 @@ def attach(model: nn.Module, fmt: str, *, modules: tuple[str, ...] | list[str] =
 def q4_0_ties(w: Tensor, *, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     """(mask of the weights that sit exactly on a Q4_0 rounding tie, their f32 d (rows, cols))."""
     rows, cols = w.shape
-    x = w.detach().float()
-    blocks = x if per_channel else x.reshape(-1, QK4_0)
-    imax = blocks.abs().argmax(dim=-1, keepdim=True)
-    d = blocks.gather(-1, imax) / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    y = blocks * inv + 8.5
+    y, d = _q4_0_scaled(w, per_channel)
+    y = y + 8.5
     tie = (y == torch.trunc(y)) & (d != 0) & (y < 15.5)
-    return tie.reshape(rows, cols), d.expand_as(blocks).reshape(rows, cols)
+    return tie.reshape(rows, cols), d.expand_as(y).reshape(rows, cols)
 
 
 @torch.no_grad()
