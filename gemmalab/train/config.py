@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,59 +155,162 @@ class QATConfig:
         return dataclasses.asdict(self)
 
 
+# Limits on what a config may hold: a real one is a few hundred bytes, a handful of tables deep. They
+# keep a hostile file from costing memory or time (a YAML alias bomb expands exponentially when
+# copied; deep nesting exhausts the parsers' recursion) before it is refused.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 32
+SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def _one_line(text: object) -> str:
+    """A library's error text as one line (PyYAML's and pyarrow's span several)."""
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def _short(value: Any, n: int = 80) -> str:
+    """repr(value), cut to about n characters, for error messages."""
+    try:
+        r = repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int past sys.get_int_max_str_digits
+        r = f"<{type(value).__name__}>"
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _yaml_error(e: Exception) -> str:
+    """PyYAML's multi-line "context / problem / mark" text as "problem (line L, column C)"."""
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return _one_line(e)
+    context = getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return _one_line(f"{context}: {problem}" if context else problem) + where
+
+
+def _plain(raw: Any, where: str) -> dict:
+    """`raw` as JSON-like nested dicts/lists (what the loaders accept), or ConfigError.
+
+    Walks the parsed value without recursion, counting nodes, so a YAML alias bomb or a cycle
+    (`&a [*a]`) is refused before anything copies it; the JSON round trip then refuses values no
+    config has (dates, binary, ints beyond `sys.get_int_max_str_digits`).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a config must be a table of sections, not {type(raw).__name__}")
+    stack, nodes = [(raw, 1)], 0
+    while stack:
+        obj, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values; not a training config")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep "
+                              "(or a YAML alias refers to itself)")
+        if isinstance(obj, dict):
+            stack += [(v, depth + 1) for v in obj.values()]
+        elif isinstance(obj, (list, tuple)):
+            stack += [(v, depth + 1) for v in obj]
+    try:
+        return json.loads(json.dumps(raw, allow_nan=True))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: holds a value that is not a string, number, boolean, list or table "
+                          f"({_one_line(e)})") from None
+
+
 def read_config_file(path: str | Path) -> dict:
+    """The file's nested dict. Every problem, parse errors included, is a one-line ConfigError
+    naming the file (and the line, where the parser says)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}")
-    text = path.read_text()
+    if path.suffix not in SUFFIXES:
+        raise ConfigError(f"{path}: use a .toml, .yaml or .json config file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a config file is at most {MAX_CONFIG_BYTES}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {_one_line(e)}") from None
+    try:
+        text = data.decode("utf-8")  # TOML, JSON (RFC 8259) and our YAML are UTF-8
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".toml":
         try:
             import tomllib
         except ImportError:  # Python 3.10
             import tomli as tomllib
         try:
-            return tomllib.loads(text)
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    if path.suffix in (".yaml", ".yml"):
+            raise ConfigError(f"{path}: {_one_line(e)}") from None
+        except ValueError as e:  # int() past sys.get_int_max_str_digits
+            raise ConfigError(f"{path}: invalid TOML ({_one_line(e)})") from None
+        except RecursionError:  # arrays / inline tables nested too deep for the parser
+            raise ConfigError(f"{path}: invalid TOML (nested too deeply)") from None
+    elif path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ConfigError("YAML configs need PyYAML: pip install pyyaml (or use TOML)") from None
         try:
-            return yaml.safe_load(text) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    if path.suffix == ".json":
-        return json.loads(text)
-    raise ConfigError(f"{path}: use a .toml, .yaml or .json config file")
+            raise ConfigError(f"{path}: {_yaml_error(e)}") from None
+        except (ValueError, TypeError, OverflowError) as e:  # a timestamp like 2024-13-45, ...
+            raise ConfigError(f"{path}: invalid YAML value ({_one_line(e)})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except ValueError as e:  # JSONDecodeError says line and column
+            raise ConfigError(f"{path}: invalid JSON: {_one_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid JSON (nested too deeply)") from None
+    return _plain(raw, str(path))
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text  # a bare string
+    except ValueError as e:  # an int past the digit limit
+        raise ConfigError(f"override {_short(item)}: {_one_line(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"override {_short(item)}: the value is nested too deeply") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`section.key=value` (value parsed as JSON when possible) onto a nested dict."""
-    raw = json.loads(json.dumps(raw))
+    raw = _plain(raw, "config")
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {_short(item)} must be a string section.key=value")
         key, sep, value = item.lstrip("-").partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {_short(item)} must look like section.key=value")
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = _parse_value(value)
-    return raw
+        table = raw.get(section)
+        if table is None:
+            table = raw[section] = {}
+        elif not isinstance(table, dict):
+            raise ConfigError(f"override {_short(item)}: [{section}] is {_short(table, 40)}, not a table of keys")
+        table[name] = _parse_value(value, item)
+    return _plain(raw, "config with overrides")
 
 
 def build_config(raw: dict, cls=SFTConfig):
     """Fill the dataclasses, refusing unknown names and values of the wrong type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a table of sections, not {type(raw).__name__}")
     sections = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(sections)
     if unknown:
-        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(sections)}")
+        raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}; valid: {sorted(sections)}")
     kwargs = {}
     for name, f in sections.items():
         default = f.default_factory()  # the recipe's defaults for this section
@@ -217,29 +321,49 @@ def build_config(raw: dict, cls=SFTConfig):
         valid = {g.name: g for g in dataclasses.fields(sub_cls)}
         bad = set(values) - set(valid)
         if bad:
-            raise ConfigError(f"unknown key(s) {sorted(bad)} in [{name}]; valid: {sorted(valid)}")
+            raise ConfigError(f"unknown key(s) {sorted(bad, key=str)} in [{name}]; valid: {sorted(valid)}")
         for key, value in values.items():
             _check_type(f"{name}.{key}", getattr(default, key), value)
         kwargs[name] = dataclasses.replace(default, **{
-            k: tuple(v) if isinstance(getattr(default, k), tuple) else v for k, v in values.items()})
+            k: _coerce(getattr(default, k), v) for k, v in values.items()})
     return cls(**kwargs)
 
 
+def _coerce(default: Any, value: Any) -> Any:
+    """A checked value in the field's own type: tuples stay tuples, 16.0 for an int field is 16."""
+    if isinstance(default, tuple) and value is not None:
+        return tuple(value)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        return int(value)
+    return value
+
+
 def _check_type(name: str, default: Any, value: Any) -> None:
-    if default is None or value is None:
+    if default is None:  # the optional fields are all paths or names: model.path, distill.store, ...
+        if value is not None and not isinstance(value, (str, os.PathLike)):  # a Path from Python callers
+            raise ConfigError(f"{name} must be a string, got {_short(value)}")
         return
+    if value is None:  # null would reach arithmetic such as `distill.k < 1` as None
+        raise ConfigError(f"{name} must be a {type(default).__name__}, not null (leave it out for the default)")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, (int, float)):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
             ok = value.is_integer()
-    elif isinstance(default, (list, tuple)):
+    elif isinstance(default, tuple):  # optim.betas: as many numbers as the default has
+        ok = (isinstance(value, (list, tuple)) and len(value) == len(default)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        if not ok:
+            raise ConfigError(f"{name} must be a list of {len(default)} numbers, got {_short(value)}")
+    elif isinstance(default, list):  # data.train, lora.targets, qat.modules: names
         ok = isinstance(value, (list, tuple))
+        if ok and not all(isinstance(v, (str, os.PathLike)) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {_short(value)}")
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be a {type(default).__name__}, got {_short(value)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> SFTConfig:

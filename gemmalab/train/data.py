@@ -14,7 +14,8 @@ Decisions, in one place:
 * Files. `.jsonl`, `.jsonl.gz` and `.parquet` (pyarrow, read one batch of rows at a time: memory stays
   bounded by the batch and the shuffle buffer, never by the file). A directory means every such file
   under it, sorted; a string with `*` is a glob. Blank JSONL lines are skipped. Errors name the file and
-  the 1-based line (JSONL) or 0-based row (Parquet).
+  the 1-based line (JSONL) or 0-based row (Parquet); every problem with a file, pyarrow's included, is a
+  one-line `DataError`. A JSONL line longer than `MAX_LINE_BYTES` is refused before it is read whole.
 * Shuffling (only with a seed). The file order is shuffled with `random.Random(seed)`, then records
   pass through a bounded shuffle buffer (the tf.data / webdataset scheme): the buffer is filled with
   `shuffle_buffer` records, and each new record swaps with a random slot whose record is emitted. A
@@ -56,6 +57,7 @@ import gzip
 import itertools
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -70,6 +72,10 @@ IGNORE_INDEX = -100
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 _MODEL_ROLES = ("assistant", "model")
 _PARQUET_BATCH_ROWS = 1024
+# The longest JSONL line read: a record is one line, and a line is read whole before it is parsed, so
+# without a bound a file (or a .gz that inflates) with no newline would be read into memory entirely.
+# 64 MiB is a thousand times a long document.
+MAX_LINE_BYTES = 64 << 20
 
 
 class DataError(ValueError):
@@ -163,12 +169,15 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
         while True:
             where = f"{path}:{lineno + 1}"
             try:
-                raw = f.readline()  # one line at a time: the file is never read whole
-            except (OSError, EOFError) as e:  # a truncated or corrupt .gz
-                raise DataError(f"{where}: cannot read the file: {e}") from e
+                raw = f.readline(MAX_LINE_BYTES + 1)  # one line at a time: the file is never read whole
+            except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+                raise DataError(f"{where}: cannot read the file: {_one_line(e)}") from None
             if not raw:
                 return
             lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{where}: the line is longer than {MAX_LINE_BYTES} bytes; a record is one "
+                                "JSON object per line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -180,34 +189,108 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise DataError(f"{where}: invalid JSON: {e}") from e
+                raise DataError(f"{where}: invalid JSON: {_one_line(e)}") from None
+            except RecursionError:  # the C scanner's nesting limit
+                raise DataError(f"{where}: invalid JSON: nested too deeply") from None
             try:
                 yield _check_record(obj)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
 
 
+def _check_parquet_footer(path: Path) -> None:
+    """Refuse what is not a plain Parquet file before pyarrow parses it: "PAR1" at both ends and a
+    footer (Thrift FileMetaData) length that fits in the file (Parquet format spec, "File Format")."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 8, 0))
+            tail = f.read(8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {_one_line(e)}") from None
+    if size >= 12 and tail[4:] == b"PARE":
+        raise DataError(f"{path}: an encrypted Parquet file (PARE footer); decrypt it first")
+    if size < 12 or head != b"PAR1":
+        raise DataError(f"{path}: not a Parquet file (it does not start with PAR1)")
+    if tail[4:] != b"PAR1":
+        raise DataError(f"{path}: not a Parquet file, or truncated (it does not end with PAR1)")
+    footer = int.from_bytes(tail[:4], "little")
+    if not 0 < footer <= size - 12:
+        raise DataError(f"{path}: the footer claims {footer} bytes but the file has {size}; truncated or corrupt")
+
+
+def _check_parquet_sizes(path: Path, meta) -> None:
+    """Refuse row groups whose metadata is impossible (negative counts) before their pages are read.
+
+    Only row-group fields are looked at: in pyarrow 26 `RowGroupMetaData.column(i)` aborts the process
+    (an uncaught C++ ParquetException, e.g. "Definition level histogram size mismatch") on a corrupt
+    column chunk, while reading the same chunk raises OSError, so per-column sizes are left to the
+    reader.
+    """
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        if rg.num_rows < 0 or rg.total_byte_size < 0:
+            raise DataError(f"{path}: row group {g} claims {rg.num_rows} rows of {rg.total_byte_size} bytes")
+
+
 def _read_parquet(path: Path) -> Iterator[dict]:
+    """Records of a Parquet file, one batch of rows at a time. pyarrow's own errors (corrupt pages,
+    bad Thrift, unsupported codecs) become one-line DataErrors naming the file; MemoryError is not
+    caught: an allocation the file can ask for is a bug to guard against, not a data error."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+    _check_parquet_footer(path)
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError with its own text
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-    columns = [c for c in ("text", "messages") if c in pf.schema_arrow.names]
+        names = pf.schema_arrow.names
+        columns = [c for c in ("text", "messages") if c in names]
+        if columns:
+            _check_parquet_sizes(path, pf.metadata)
+    except (DataError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError/... with its own text
+        raise DataError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
     if not columns:
+        shown = ", ".join(n[:40] for n in names[:20]) + (", ..." if len(names) > 20 else "")
         raise DataError(f"{path}: the Parquet file has neither a 'text' nor a 'messages' column "
-                        f"(columns: {', '.join(pf.schema_arrow.names)})")
+                        f"(columns: {shown})")
     row = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-        for obj in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+            objs = None if batch is None else batch.to_pylist()
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt page, a value Python cannot hold (a bad date)
+            raise DataError(f"{path}: cannot read the rows from row {row} (0-based): {_one_line(e)}") from None
+        if objs is None:
+            return
+        for obj in objs:
             try:
                 yield _check_record(obj)
             except DataError as e:
                 raise DataError(f"{path}: row {row} (0-based): {e}") from None
             row += 1
+
+
+def _one_line(e: object) -> str:
+    """A library's error text as one line (pyarrow's messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_text(s: str, what: str) -> None:
+    """Refuse a string the tokenizer cannot encode: JSON's "\\ud800" escapes give lone surrogates,
+    which are not Unicode text (UTF-8 has no encoding for them)."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{what} holds a lone surrogate (U+{ord(s[e.start]):04X} at character {e.start}), "
+                            "which is not text") from None
 
 
 def _check_record(obj: Any) -> dict:
@@ -220,10 +303,12 @@ def _check_record(obj: Any) -> dict:
     if text is not None:
         if not isinstance(text, str):
             raise DataError(f"'text' must be a string, not {type(text).__name__}")
+        _check_text(text, "'text'")
         return {"text": text}
     if messages is None:
-        keys = ", ".join(str(k) for k, v in obj.items() if v is not None) or "none"
-        raise DataError(f"the record has neither 'text' nor 'messages' (non-null keys: {keys})")
+        keys = [k for k, v in obj.items() if v is not None]
+        shown = ", ".join(repr(k)[:40] for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
+        raise DataError(f"the record has neither 'text' nor 'messages' (non-null keys: {shown or 'none'})")
     if not isinstance(messages, list) or not messages:
         raise DataError("'messages' must be a non-empty list of {'role': ..., 'content': ...} objects")
     for k, m in enumerate(messages):
@@ -237,9 +322,13 @@ def _check_record(obj: Any) -> dict:
                 if isinstance(item, Mapping) and item.get("type") == "image":
                     raise DataError(f"message {k}, item {j}: image content is not supported by the text data "
                                     "pipeline")
+                if isinstance(item, Mapping) and isinstance(item.get("text"), str):
+                    _check_text(item["text"], f"message {k}, item {j}")
         elif not isinstance(content, str):
             raise DataError(f"message {k}: 'content' must be a string or a list of text items, "
                             f"not {type(content).__name__}")
+        else:
+            _check_text(content, f"message {k}")
     try:
         render_chat(messages, add_generation_prompt=False)  # roles, alternation, content items
     except ChatTemplateError as e:
