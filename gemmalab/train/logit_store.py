@@ -37,6 +37,7 @@ for those who want the report's layout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from .checkpoint import _fsync_dir, write_atomic
+from .checkpoint import _fsync_dir
 from .teacher import SAMPLINGS, teacher_targets
 
 __all__ = ["StoreError", "build_store", "LogitStore", "StoreDataset", "tokenizer_identity",
@@ -141,9 +142,13 @@ class ShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         head, entries = _header(specs, metadata)
         total = len(head) + max([e["data_offsets"][1] for e in entries.values()] + [0])
-        with open(self.tmp, "wb") as f:
-            f.write(head)
-            f.truncate(total)
+        try:
+            with open(self.tmp, "wb") as f:
+                f.write(head)
+                _allocate(f, total)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         self.arrays = {name: np.memmap(self.tmp, dtype=_NP_DTYPES[e["dtype"]], mode="r+",
                                        offset=len(head) + e["data_offsets"][0], shape=tuple(e["shape"]))
                        for name, e in entries.items() if e["data_offsets"][1] > e["data_offsets"][0]}
@@ -162,6 +167,44 @@ class ShardWriter:
     def abort(self) -> None:
         self.arrays = {}
         self.tmp.unlink(missing_ok=True)
+
+
+def _allocate(f, total: int) -> None:
+    """Reserve the file's blocks before it is written through memory maps. A sparse file (truncate)
+    on a full file system would fail only when a mapped page is first written, as SIGBUS, which
+    kills the process; reserved blocks make a full disk an ENOSPC OSError here, before any work.
+    posix_fallocate (glibc emulates it where the file system lacks fallocate); else write zeros."""
+    f.flush()
+    try:
+        os.posix_fallocate(f.fileno(), 0, total)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    f.seek(0, os.SEEK_END)
+    left = total - f.tell()
+    zeros = bytes(min(left, 1 << 20))
+    while left > 0:
+        left -= f.write(zeros[:left])
+    f.flush()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """The manifest, replaced atomically (temporary file, fsync, rename, fsync of the directory); the
+    temporary file is removed if the write fails (a full disk), so the old manifest stays as it was."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(obj, indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def write_shard(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] = {}) -> tuple[int, str]:
@@ -183,39 +226,107 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
+_MAX_HEADER = 100 * 2**20  # a shard's JSON header is a few KiB; more is not a shard
+_MAX_NDIM = 16
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """repr(value) cut to n characters: names and values from a damaged file, quoted on one line."""
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
+    """The shard's header (a dict) and where its data starts. The header length is checked against
+    the file's size before anything is read (a bogus 8-byte length would otherwise ask for 2^64 bytes)."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:
                 raise StoreError(f"{path}: truncated shard (no header); delete it or rebuild the store")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 2**20:
-                raise StoreError(f"{path}: not a shard file (header length {n})")
-            header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: unreadable shard header ({e}); the file is damaged") from e
+            if n > _MAX_HEADER or n > size - 8:
+                raise StoreError(f"{path}: not a shard file (header length {n}, file of {size} bytes)")
+            text = f.read(n)
+        if len(text) != n:
+            raise StoreError(f"{path}: truncated shard header ({len(text)} of {n} bytes)")
+        header = json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, huge ints
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"{path}: unreadable shard header ({_one_line(e)}); the file is damaged") from e
+    except RecursionError:
+        raise StoreError(f"{path}: unreadable shard header (nested too deeply); the file is damaged") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: shard header is a JSON {type(header).__name__}, not an object; "
+                         "the file is damaged")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        # the safetensors format: __metadata__ is a map of strings to strings
+        raise StoreError(f"{path}: shard metadata is not a map of strings; the file is damaged")
     return header, 8 + n
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _tensor_entry(path: Path, name: str, e: Any, data_bytes: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked: a known dtype, a shape of non-negative
+    ints, 0 <= begin <= end <= the data's size, end - begin = the bytes the shape needs."""
+    bad = f"{path}: tensor {_short(name)}"
+    if not isinstance(e, dict):
+        raise StoreError(f"{bad}: header entry is not an object; the file is damaged")
+    dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _NP_DTYPES:
+        raise StoreError(f"{bad}: unsupported dtype {_short(dtype)} (this reader knows {', '.join(_NP_DTYPES)})")
+    if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
+            or not all(_is_int(d) and 0 <= d < 2**62 for d in shape)):
+        raise StoreError(f"{bad}: bad shape {_short(shape)}; the file is damaged")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+            and 0 <= offs[0] <= offs[1]):
+        raise StoreError(f"{bad}: bad data_offsets {_short(offs)}; the file is damaged")
+    b0, b1 = offs
+    if b1 > data_bytes:
+        raise StoreError(f"{path}: truncated shard ({data_bytes} data bytes, tensor {_short(name)} "
+                         f"needs {b1})")
+    count, bound = 1, 1
+    for d in shape:
+        count, bound = count * d, bound * max(d, 1)
+    if count * _SIZES[dtype] != b1 - b0 or bound * _SIZES[dtype] >= 2**62:
+        raise StoreError(f"{bad}: shape {shape} of {dtype} does not fit its {b1 - b0} bytes; the file "
+                         "is damaged")
+    return dtype, tuple(shape), b0, b1
+
+
 def read_shard(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a shard as torch tensors backed by a copy-on-write memory map (lazy reads)."""
+    """All tensors of a shard as torch tensors backed by a copy-on-write memory map (lazy reads).
+    Every entry is checked against the file's size before it is mapped; a damaged shard raises
+    StoreError."""
     path = Path(path)
     header, start = _read_header(path)
-    meta = header.pop("__metadata__", {}) or {}
-    size = path.stat().st_size
+    meta = header.pop("__metadata__", None) or {}
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the shard ({_one_line(e)})") from e
+    entries = {name: _tensor_entry(path, name, e, size - start) for name, e in header.items()}
     out = {}
-    for name, e in header.items():
-        b0, b1 = e["data_offsets"]
-        if start + b1 > size:
-            raise StoreError(f"{path}: truncated shard ({size} bytes, tensor {name} needs {start + b1})")
-        shape = tuple(e["shape"])
+    for name, (dtype, shape, b0, b1) in entries.items():
         if b1 == b0:
-            arr = np.zeros(shape, dtype=_NP_DTYPES[e["dtype"]])
+            arr = np.zeros(shape, dtype=_NP_DTYPES[dtype])
         else:
-            arr = np.memmap(path, dtype=_NP_DTYPES[e["dtype"]], mode="c", offset=start + b0, shape=shape)
+            try:
+                arr = np.memmap(path, dtype=_NP_DTYPES[dtype], mode="c", offset=start + b0, shape=shape)
+            except (OSError, ValueError) as e:
+                raise StoreError(f"{path}: cannot map tensor {_short(name)} ({_one_line(e)})") from e
         t = torch.from_numpy(arr)
-        out[name] = t.view(torch.bfloat16) if e["dtype"] == "BF16" else t
+        out[name] = t.view(torch.bfloat16) if dtype == "BF16" else t
     return out, meta
 
 
@@ -275,11 +386,32 @@ def build_store(out: str | Path, data, *, teacher: str | Path | None = None, k: 
     dataset = PackedDataset(files, tokenizer, seq_len, 1, seed=seed, epochs=1,
                             shuffle_buffer=shuffle_buffer, train_on=train_on)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with _writer_lock(out):
-        return _build(out, dataset, model, teacher_id, tok_id, targets_cfg, data_cfg, fingerprint, files,
-                      tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens, rows_per_shard,
-                      progress, log, t_start)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _writer_lock(out):
+            return _build(out, dataset, model, teacher_id, tok_id, targets_cfg, data_cfg, fingerprint,
+                          files, tokenizer, seq_len, seed, shuffle_buffer, train_on, max_tokens,
+                          rows_per_shard, progress, log, t_start)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise StoreError(_write_error(out, e)) from e
+
+
+# A full or read-only output file system. Shards are reserved before they are written and the
+# manifest is replaced atomically, so what the store lists stays complete and a rerun resumes.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _write_error(out: Path, e: OSError) -> str:
+    what = Path(e.filename).name if e.filename else "the store"
+    reason = f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
+    if e.errno == errno.EROFS:
+        hint = "the directory is on a read-only file system; choose a writable --out"
+    else:
+        hint = ("the complete shards are kept: free space (or raise the quota) and rerun the same "
+                "command to resume")
+    return f"cannot write {what} in {out}: {reason}; {hint}"
 
 
 @contextlib.contextmanager
@@ -317,7 +449,7 @@ def _build(out, dataset, model, teacher_id, tok_id, targets_cfg, data_cfg, finge
                     "teacher": teacher_id, "tokenizer": tok_id, "targets": targets_cfg, "data": data_cfg,
                     "position": dataset.state_dict(), "complete": False, "shards": [],
                     "totals": {"rows": 0, "targets": 0, "bytes": 0, "teacher_seconds": 0.0}}
-        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _write_json_atomic(out / MANIFEST, manifest)
 
     done = manifest["totals"]["targets"]
     if manifest["complete"]:
@@ -354,7 +486,7 @@ def _build(out, dataset, model, teacher_id, tok_id, targets_cfg, data_cfg, finge
                 tot["teacher_seconds"] = round(tot["teacher_seconds"] + time.perf_counter() - t0, 3)
             manifest["position"] = dataset.state_dict()
             manifest["complete"] = exhausted
-            write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+            _write_json_atomic(out / MANIFEST, manifest)
             if exhausted:
                 break
     if bar:
@@ -477,14 +609,80 @@ def _load_manifest(path: Path) -> dict:
         raise StoreError(f"{path} is not a teacher-logit store (no {MANIFEST}); build one with "
                          "`gemmalab distill cache`")
     try:
-        m = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{f} is not valid JSON ({e}); the store is damaged") from e
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise StoreError(f"{f}: cannot read the manifest ({_one_line(e)})") from e
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, ints of > 4300 digits
+        raise StoreError(f"{f} is not valid JSON ({_one_line(e)}); the store is damaged") from e
+    except RecursionError:
+        raise StoreError(f"{f} is not valid JSON (nested too deeply); the store is damaged") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{f} is not a gemmalab teacher-logit manifest")
     if m.get("version") != VERSION:
-        raise StoreError(f"{f}: store version {m.get('version')!r}, this gemmalab reads version {VERSION}")
+        raise StoreError(f"{f}: store version {_short(m.get('version'))}, this gemmalab reads version {VERSION}")
+    _check_manifest(f, m)
     return m
+
+
+_MAX_COUNT = 2**63  # sizes, rows, tokens: what a file system can hold
+
+
+def _check_manifest(f: Path, m: dict) -> None:
+    """Every field the readers and the resuming writer use, with its type and range: a damaged or
+    hand-edited manifest is refused here with the field's name, not deep inside as a KeyError."""
+    def field(obj: dict, where: str, key: str, ok, what: str):
+        v = obj.get(key)
+        if not ok(v):
+            raise StoreError(f"{f}: {where}{key} is {_short(v)}, expected {what}; the store is damaged")
+        return v
+
+    def section(key: str) -> dict:
+        return field(m, "", key, lambda v: isinstance(v, dict), "an object")
+
+    count = (lambda v: _is_int(v) and 0 <= v < _MAX_COUNT), "an integer >= 0"
+    positive = (lambda v: _is_int(v) and 1 <= v < _MAX_COUNT), "an integer >= 1"
+    digest = (lambda v: isinstance(v, str) and len(v) >= 12), "a sha256 hex string"
+    text = (lambda v: isinstance(v, str)), "a string"
+    field(m, "", "fingerprint", *text)
+    teacher, tok, targets, data = section("teacher"), section("tokenizer"), section("targets"), section("data")
+    section("position")
+    field(teacher, "teacher.", "name", *text)
+    field(teacher, "teacher.", "sha256", *digest)
+    field(teacher, "teacher.", "path", lambda v: v is None or isinstance(v, str), "a string")
+    field(tok, "tokenizer.", "vocab_size", *positive)
+    field(tok, "tokenizer.", "sha256", *digest)
+    field(targets, "targets.", "k", *positive)
+    field(targets, "targets.", "temperature",
+          lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+          "a number > 0")
+    field(targets, "targets.", "sampling", lambda v: v in SAMPLINGS, " or ".join(SAMPLINGS))
+    field(targets, "targets.", "prob_dtype", lambda v: v in ("float16", "bfloat16"), "float16 or bfloat16")
+    field(targets, "targets.", "full_logprobs", lambda v: isinstance(v, bool), "true or false")
+    field(targets, "targets.", "vocab_size", *positive)
+    field(data, "data.", "seq_len", *positive)
+    field(m, "", "complete", lambda v: isinstance(v, bool), "true or false")
+    shards = field(m, "", "shards", lambda v: isinstance(v, list), "a list")
+    totals = section("totals")
+    for key in ("rows", "targets", "bytes"):
+        field(totals, "totals.", key, *count)
+    field(totals, "totals.", "teacher_seconds",
+          lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
+          "a number >= 0")
+    for i, e in enumerate(shards):
+        where = f"shards[{i}]."
+        if not isinstance(e, dict):
+            raise StoreError(f"{f}: shards[{i}] is {_short(e)}, expected an object; the store is damaged")
+        # a plain file name in the store's directory: no path of the manifest's choosing is opened
+        field(e, where, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and not any(
+            c in v for c in "/\\") and v.isprintable(), "a file name in the store")
+        for key in ("rows", "targets", "bytes"):
+            field(e, where, key, *count)
+        field(e, where, "sha256", *digest)
+
+
+def _row_bytes(seq_len: int, k: int, vocab: int, counts: bool, logprobs: bool) -> int:
+    """Bytes of one row in a shard: 4 int32 row arrays, teacher ids + probs (+ counts, + log-probs)."""
+    return seq_len * (4 * 4 + k * (4 + 2 + (2 if counts else 0)) + (vocab * 2 if logprobs else 0))
 
 
 class LogitStore:
@@ -521,6 +719,13 @@ class LogitStore:
             if f.stat().st_size != s["bytes"]:
                 raise StoreError(f"{f} has {f.stat().st_size} bytes, the manifest says {s['bytes']}: "
                                  "the shard is truncated or was replaced. Rebuild the store")
+            # row counts against the file's size, before anything (StoreDataset's block list) is
+            # sized from them
+            need = s["rows"] * _row_bytes(self.seq_len, self.k, self.vocab_size, self.has_counts,
+                                          self.has_logprobs)
+            if need > s["bytes"]:
+                raise StoreError(f"{f}: the manifest says {s['rows']} rows, which need {need} bytes, but "
+                                 f"the shard has {s['bytes']}; the store is damaged")
         self._open: dict[int, dict[str, torch.Tensor]] = {}
 
     @property
@@ -576,7 +781,7 @@ class LogitStore:
         header, _ = _read_header(f)
         meta = header.get("__metadata__") or {}
         if meta.get("fingerprint") != self.fingerprint:
-            raise StoreError(f"{f} belongs to another store (fingerprint {meta.get('fingerprint')!r}, this "
+            raise StoreError(f"{f} belongs to another store (fingerprint {_short(meta.get('fingerprint'))}, this "
                              f"store {self.fingerprint!r}: another teacher, tokenizer or target settings). "
                              "Remove it and rerun the cache command")
         if self.verify and _sha256_file(f) != entry["sha256"]:
@@ -584,11 +789,17 @@ class LogitStore:
                              "written. Delete the shard and its entry, or rebuild the store")
         tensors, _ = read_shard(f)
         R, T, K = entry["rows"], self.seq_len, self.k
-        expect = {"input_ids": (R, T), "teacher_ids": (R, T, K), "teacher_probs": (R, T, K)}
-        for name, shape in expect.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                raise StoreError(f"{f}: tensor {name} is missing or not of shape {shape}; the shard "
-                                 "is damaged")
+        probs = torch.float16 if self.manifest["targets"]["prob_dtype"] == "float16" else torch.bfloat16
+        expect = {name: ((R, T), torch.int32) for name in ("input_ids", "positions", "segment_ids", "targets")}
+        expect |= {"teacher_ids": ((R, T, K), torch.int32), "teacher_probs": ((R, T, K), probs)}
+        if self.has_counts:
+            expect["teacher_counts"] = ((R, T, K), torch.int16)
+        if self.has_logprobs:
+            expect["teacher_logprobs"] = ((R, T, self.vocab_size), torch.float16)
+        for name, (shape, dtype) in expect.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
+                raise StoreError(f"{f}: tensor {name} is missing or not {str(dtype).removeprefix('torch.')} "
+                                 f"of shape {shape}; the shard is damaged")
         self._open[i] = tensors
         return tensors
 
@@ -599,9 +810,9 @@ class LogitStore:
         batch = {k: s[k][r0:r1].long() for k in ("input_ids", "positions", "segment_ids", "targets")}
         batch["teacher_ids"] = s["teacher_ids"][r0:r1].long()
         batch["teacher_probs"] = s["teacher_probs"][r0:r1].float()
-        if "teacher_counts" in s:
+        if self.has_counts:  # shard() checked these exist with their shapes
             batch["teacher_counts"] = s["teacher_counts"][r0:r1].long()
-        if "teacher_logprobs" in s:
+        if self.has_logprobs:
             batch["teacher_logprobs"] = s["teacher_logprobs"][r0:r1]
         return batch
 
