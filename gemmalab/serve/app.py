@@ -1,22 +1,26 @@
 """The OpenAI-compatible HTTP API (Starlette/FastAPI + uvicorn) over the continuous-batching engine.
 
 POST /v1/chat/completions, POST /v1/completions (JSON or server-sent events), GET /v1/models,
-GET /health. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+GET /health, and GET /openapi.json: the OpenAPI document of all of them, request bodies and
+responses included (the handlers read the raw body themselves, so the error for a bad one is OpenAI's,
+and the document is built from the same pydantic models they validate with). Errors use OpenAI's body
+`{"error": {"message", "type", "param", "code"}}`, with a 4xx status for every bad request.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import SamplingParams
@@ -53,6 +57,16 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 
 # ---- request bodies -------------------------------------------------------------------------------
+# Field names and meanings follow the OpenAI API reference (Chat Completions, Completions). The
+# WithJsonSchema / json_schema_extra annotations change only the OpenAPI document (what the
+# validators below accept, stated as JSON Schema), never the validation itself.
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+GREEDY_BELOW = 1e-5  # temperatures in (0, this) sample as temperature 0: see `sampling_values`
+TOP_P_FLOOR = 1e-7  # smaller top_p values sample as this one: see `sampling_values`
+
+_zero_only = WithJsonSchema({"type": "number", "enum": [0],
+                             "description": "accepted for compatibility; only 0 is supported"})
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -70,10 +84,13 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    stop: Annotated[str | list[str] | None, WithJsonSchema(
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+                   {"type": "null"}]})] = Field(default=None, validate_default=True)
+    # a 64-bit integer like OpenAI's; beyond it torch's generator cannot take it
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    frequency_penalty: Annotated[float, _zero_only] = 0.0
+    presence_penalty: Annotated[float, _zero_only] = 0.0
 
     @field_validator("stop")
     @classmethod
@@ -94,7 +111,12 @@ class _Common(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    content: Annotated[str | list[dict[str, Any]], WithJsonSchema(
+        {"anyOf": [{"type": "string"},
+                   {"type": "array", "items": {
+                       "type": "object", "required": ["type", "text"],
+                       "properties": {"type": {"type": "string", "enum": ["text"]},
+                                      "text": {"type": "string"}}}}]})]
 
 
 class ChatRequest(_Common):
@@ -107,8 +129,10 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
+    echo: Annotated[bool, WithJsonSchema({"type": "boolean", "enum": [False],
+                                          "description": "not supported: only false"})] = False
+    suffix: Annotated[str | None, WithJsonSchema({"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}],
+                                                  "description": "not supported: null or empty"})] = None
 
     @field_validator("echo", "suffix")
     @classmethod
@@ -118,12 +142,156 @@ class CompletionRequest(_Common):
         return v
 
 
+# ---- the OpenAPI document --------------------------------------------------------------------------
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_STR, _INT, _NUM = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+_FINISH = {"type": "string", "enum": ["stop", "length"]}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {k: {"type": "integer", "minimum": 0}
+                         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+_TOP_CHAT = {"type": "object", "required": ["token", "logprob", "bytes"],
+             "properties": {"token": _STR, "logprob": _NUM, "bytes": {"type": "array", "items": _INT}}}
+_LOGPROBS_CHAT = {"type": "object", "required": ["content"], "properties": {"content": {
+    "type": "array", "items": {**_TOP_CHAT, "required": ["token", "logprob", "bytes", "top_logprobs"],
+                               "properties": {**_TOP_CHAT["properties"],
+                                              "top_logprobs": {"type": "array", "items": _TOP_CHAT}}}}}}
+_LOGPROBS_TEXT = {"type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+                  "properties": {"tokens": {"type": "array", "items": _STR},
+                                 "token_logprobs": {"type": "array", "items": _NUM},
+                                 "top_logprobs": {"type": "array", "items": {
+                                     "type": "object", "additionalProperties": _NUM}},
+                                 "text_offset": {"type": "array", "items": _INT}}}
+
+
+def _completion_schema(chat: bool) -> dict:
+    """A whole (non-streamed) response; streams are text/event-stream of the matching chunks."""
+    if chat:
+        choice = {"type": "object", "required": ["index", "message", "logprobs", "finish_reason"],
+                  "properties": {"index": _INT, "finish_reason": _FINISH,
+                                 "logprobs": _nullable(_LOGPROBS_CHAT),
+                                 "message": {"type": "object", "required": ["role", "content"],
+                                             "properties": {"role": {"type": "string", "enum": ["assistant"]},
+                                                            "content": _STR}}}}
+    else:
+        choice = {"type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
+                  "properties": {"index": _INT, "text": _STR, "finish_reason": _FINISH,
+                                 "logprobs": _nullable(_LOGPROBS_TEXT)}}
+    return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {"id": _STR, "created": _INT, "model": _STR, "usage": _USAGE,
+                           "object": {"type": "string",
+                                      "enum": ["chat.completion" if chat else "text_completion"]},
+                           "choices": {"type": "array", "minItems": 1, "items": choice},
+                           "system_fingerprint": _STR}}
+
+
+# OpenAPI before 3.2: the schema of a text/event-stream describes each event (data: one JSON chunk,
+# or "[DONE]" last)
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "minLength": 1}, "event": _STR, "id": _STR}}
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string", "minLength": 1}, "type": _STR,
+                   "param": _nullable(_STR), "code": _nullable(_STR)}}}}
+_ERROR_STATUSES = {400: "a bad request (invalid JSON, a field out of range, a prompt over the context)",
+                   401: "a missing or wrong API key (with --api-key)",
+                   404: "a model this server does not serve",
+                   413: "a request body over --max-body",
+                   503: "too many requests waiting (--max-queue)",
+                   504: "a request that ran past --timeout"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {str(s): {"description": _ERROR_STATUSES[s],
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            for s in statuses}
+
+
+def _request_schema(model_cls: type[BaseModel], model_name: str, max_context: int, max_n: int,
+                    vocab_size: int) -> dict:
+    """The JSON Schema of a request body, with this server's own limits: the one model it serves,
+    max_tokens below its context, n up to its batch, prompt token ids in its vocabulary."""
+    schema = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+    props = schema["properties"]
+    props["model"] = {"type": "string", "enum": [model_name], "description": "the model this server serves"}
+    tokens = {"type": "integer", "minimum": 1, "maximum": max(1, max_context - 1),
+              "description": "new tokens at most; prompt plus these must fit the context"}
+    props["max_completion_tokens"] = _nullable(tokens)
+    props["max_tokens"] = {**_nullable(tokens), **({"default": 16} if "prompt" in props else {})}
+    props["n"] = {"type": "integer", "minimum": 1, "maximum": max_n, "default": 1}
+    if "prompt" in props:  # one prompt per request: a string, one token-id list, or a list of one
+        ids = {"type": "array", "minItems": 1,
+               "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+        text = {"type": "string", "minLength": 1}
+        props["prompt"] = {"anyOf": [text, {"type": "array", "minItems": 1, "maxItems": 1, "items": text}, ids,
+                                     {"type": "array", "minItems": 1, "maxItems": 1, "items": ids}]}
+    return schema
+
+
+def openapi_document(settings: Settings, max_context: int, max_n: int, vocab_size: int) -> dict:
+    """The OpenAPI 3.1 document of the API: what /openapi.json serves (and schemathesis fuzzes)."""
+    components: dict[str, Any] = {"Error": ERROR_SCHEMA}
+    bodies = {}
+    for name, cls in (("ChatCompletionRequest", ChatRequest), ("CompletionRequest", CompletionRequest)):
+        schema = _request_schema(cls, settings.model_name, max_context, max_n, vocab_size)
+        components.update(schema.pop("$defs", {}))
+        components[name] = schema
+        bodies[name] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+    auth = (401,) if settings.api_key is not None else ()
+
+    def ok(description: str, schema: dict, stream: bool = False) -> dict:
+        content = {"application/json": {"schema": schema}}
+        if stream:
+            content["text/event-stream"] = {"schema": _SSE_EVENT}
+        return {"200": {"description": description, "content": content}}
+
+    def post(summary: str, op_id: str, body: str, chat: bool) -> dict:
+        return {"post": {"summary": summary, "operationId": op_id, "requestBody": bodies[body],
+                         "responses": {**ok("the completion, or with stream=true its server-sent events",
+                                            _completion_schema(chat), stream=True),
+                                       **_errors(400, *auth, 404, 413, 503, 504)}}}
+
+    model = {"type": "object", "required": ["id", "object", "created", "owned_by"],
+             "properties": {"id": _STR, "object": {"type": "string", "enum": ["model"]}, "created": _INT,
+                            "owned_by": _STR}}
+    models = {"type": "object", "required": ["object", "data"],
+              "properties": {"object": {"type": "string", "enum": ["list"]},
+                             "data": {"type": "array", "items": model}}}
+    counts = {k: {"type": "integer", "minimum": 0} for k in ("running", "prefilling", "waiting", "free_rows")}
+    health = {"type": "object", "required": ["status", "model", *counts],
+              "properties": {"status": {"type": "string", "enum": ["ok"]}, "model": _STR, **counts}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gemmalab", "version": "1",
+                 "description": "OpenAI-compatible API (Chat Completions, Completions, Models) over "
+                                "gemmalab's continuous-batching engine"},
+        "paths": {
+            "/v1/chat/completions": post("Create a chat completion", "create_chat_completion",
+                                         "ChatCompletionRequest", True),
+            "/v1/completions": post("Create a text completion", "create_completion", "CompletionRequest", False),
+            "/v1/models": {"get": {"summary": "List the served model", "operationId": "list_models",
+                                   "responses": {**ok("the one model this server serves", models),
+                                                 **_errors(*auth)}}},
+            "/health": {"get": {"summary": "Liveness and engine load (no API key needed)", "operationId": "health",
+                                "responses": ok("the server is up", health)}},
+        },
+        "components": {"schemas": components},
+    }
+
+
 # ---- the app -------------------------------------------------------------------------------------
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="gemmalab", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = engine.tokenizer
     created = int(time.time())
+    document = openapi_document(settings, engine.max_context, min(16, engine.max_batch),
+                                engine.lm.config.vocab_size)
+    app.openapi = lambda: document  # the handlers read raw bodies: FastAPI alone would see no bodies
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -141,7 +309,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), code=None)
+        response = error_response(exc.status_code, str(exc.detail), code=None)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405 (RFC 9110 15.5.6)
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
@@ -180,22 +350,26 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return asked
 
     def params(body: _Common) -> SamplingParams:
-        return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                              seed=body.seed)
+        if body.n > engine.max_batch:
+            raise APIError(400, f"n={body.n} exceeds this server's batch of {engine.max_batch} sequences",
+                           param="n")
+        temperature, top_p = sampling_values(body.temperature, body.top_p)
+        return SamplingParams(temperature=temperature, top_k=body.top_k, top_p=top_p, seed=body.seed)
 
     async def parse(request: Request, model_cls):
         raw = await request.body()
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise APIError(400, f"the request body is not valid JSON ({why})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
             return model_cls.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            param = ".".join(str(x) for x in err.get("loc", ())) or None
+            param = _param(err.get("loc", ()))
             raise APIError(400, f"{param}: {err.get('msg')}" if param else err.get("msg", "invalid request"),
                            param=param) from None
 
@@ -227,18 +401,26 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "the prompt is empty", param="prompt")
-            ids = tokenizer.encode(prompt, add_bos=True)
+            try:
+                ids = tokenizer.encode(prompt, add_bos=True)
+            except ValueError as e:  # TokenizerError: a lone surrogate (JSON can spell one: "\ud800")
+                raise APIError(400, str(e), param="prompt") from None
         else:
             ids = list(prompt)
             if not ids or not all(0 <= i < engine.lm.config.vocab_size for i in ids):
                 raise APIError(400, "prompt token ids must be in [0, vocab size) and not empty", param="prompt")
         return await run(request, body, ids, "text", body.logprobs, budget(body, len(ids), "prompt"))
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return document
+
     async def run(request: Request, body: _Common, ids: list[int], kind: str, top: int | None,
                   max_tokens: int):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        req = EngineRequest(prompt_ids=ids, params=params(body), max_tokens=max_tokens,
+        sampling = params(body)
+        req = EngineRequest(prompt_ids=ids, params=sampling, max_tokens=max_tokens,
                             on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
                             n=body.n, stop=body.stop, stop_ids=tokenizer.stop_ids, logprobs=top,
                             id=("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12))
@@ -323,6 +505,27 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 req.cancel()
 
     return app
+
+
+def sampling_values(temperature: float, top_p: float) -> tuple[float, float]:
+    """(temperature, top_p) the engine samples with, the same distribution as asked for in float32.
+
+    A temperature below GREEDY_BELOW is 0 (greedy), its limit: logits divided by a tiny one overflow
+    float32 to inf, and a distribution of infs cannot be sampled. A top_p below TOP_P_FLOOR is
+    TOP_P_FLOOR: one that small rounds to 0 in float32 and would filter out every token, while any
+    top_p below 1/vocabulary (TOP_P_FLOOR is, for any vocabulary under 10^7) keeps just the most
+    likely token, since it alone has at least that mass.
+    """
+    return (0.0 if temperature < GREEDY_BELOW else temperature), max(top_p, TOP_P_FLOOR)
+
+
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|(list|dict|function-\w+)\[.*\])$")
+
+
+def _param(loc: tuple) -> str | None:
+    """OpenAI's `param` for a pydantic error location: the field path ('messages.0.role') without
+    the union-member tags pydantic adds ('prompt.str', 'stop.list[str].0')."""
+    return ".".join(str(x) for x in loc if not (isinstance(x, str) and _UNION_TAG.fullmatch(x))) or None
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -89,7 +89,8 @@ class Engine:
         self.free_rows = list(range(max_batch))
         self.queue: queue.Queue[Request] = queue.Queue()
         self.running: list[_Sequence] = []
-        self.prefilling: list[tuple[Request, int, int]] = []  # (request, row, tokens done)
+        # (request, its n rows (reserved at admission, so a later request cannot take them), tokens done)
+        self.prefilling: list[tuple[Request, list[int], int]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ids = itertools.count()
@@ -136,16 +137,16 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self.running):
                     self._finish(seq, "error", str(e))
-                for req, row, _ in list(self.prefilling):
-                    self._fail_prefill(req, row, str(e))
+                for req, rows, _ in list(self.prefilling):
+                    self._fail_prefill(req, rows, str(e))
                 busy = True
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
         for seq in list(self.running):
             self._finish(seq, "cancelled", "the server is shutting down")
-        for req, row, _ in list(self.prefilling):
-            self._fail_prefill(req, row, "the server is shutting down")
+        for req, rows, _ in list(self.prefilling):
+            self._fail_prefill(req, rows, "the server is shutting down")
         while not self.queue.empty():
             req = self.queue.get_nowait()
             for i in range(req.n):
@@ -161,19 +162,20 @@ class Engine:
             if len(self.free_rows) < req.n:
                 break
             self.queue.get_nowait()
-            row = self.free_rows.pop(0)
-            self.cache.reset(slice(row, row + 1))
-            self.prefilling.append((req, row, 0))
+            rows = [self.free_rows.pop(0) for _ in range(req.n)]
+            self.cache.reset(slice(rows[0], rows[0] + 1))
+            self.prefilling.append((req, rows, 0))
             admitted = True
         return admitted
 
     def _prefill_one_chunk(self) -> bool:
         if not self.prefilling:
             return False
-        req, row, done = self.prefilling[0]
+        req, rows, done = self.prefilling[0]
+        row = rows[0]
         if req.cancelled.is_set():
             self.prefilling.pop(0)
-            self.free_rows.append(row)
+            self.free_rows.extend(rows)
             return True
         try:
             ids = req.prompt_ids[done:done + self.prefill_chunk]
@@ -183,17 +185,16 @@ class Engine:
                                     last_only=True)[:, -1]
             done += len(ids)
             if done < len(req.prompt_ids):
-                self.prefilling[0] = (req, row, done)
+                self.prefilling[0] = (req, rows, done)
                 return True
-            self.prefilling.pop(0)
-            rows = [row] + [self.free_rows.pop(0) for _ in range(req.n - 1)]
             for r in rows[1:]:  # n > 1: the other choices start from a copy of the prompt's cache
                 self._copy_row(row, r)
             seqs = [_Sequence(req, i, r, self.tokenizer, seed_offset=i) for i, r in enumerate(rows)]
         except Exception as e:  # this request fails; the others go on
             log.exception("prefill failed")
-            self._fail_prefill(req, row, f"{type(e).__name__}: {e}")
+            self._fail_prefill(req, rows, f"{type(e).__name__}: {e}")
             return True
+        self.prefilling.pop(0)
         self.running.extend(seqs)
         for seq in seqs:
             self._emit(seq, logits[0])
@@ -227,6 +228,15 @@ class Engine:
         return True
 
     def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """`_sample_and_report`, failing only this sequence when it raises (its own sampling
+        settings, say): the others in the decode batch go on."""
+        try:
+            self._sample_and_report(seq, logits)
+        except Exception as e:
+            log.exception("sampling failed")
+            self._finish(seq, "error", f"{type(e).__name__}: {e}")
+
+    def _sample_and_report(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Sample the next token of `seq` from its logits and report it (or the end)."""
         req = seq.req
         token = int(sample(logits[None], req.params, seq.generator)[0])
@@ -267,10 +277,9 @@ class Engine:
         req._open -= 1
         req.on_event(Event(seq.index, finish_reason=reason, error=error))
 
-    def _fail_prefill(self, req: Request, row: int, error: str) -> None:
+    def _fail_prefill(self, req: Request, rows: list[int], error: str) -> None:
         self.prefilling = [p for p in self.prefilling if p[0] is not req]
-        if row not in self.free_rows:
-            self.free_rows.append(row)
+        self.free_rows.extend(r for r in rows if r not in self.free_rows)
         for i in range(req.n):
             req.on_event(Event(i, finish_reason="error", error=error))
 
