@@ -71,8 +71,20 @@ def load_image(image: ImageInput, what: str = "image"):
                          f"{MAX_PIXELS:,}); downscale it first")
     try:
         return to_rgb(img)
-    except (OSError, ValueError) as e:  # a lazily opened PIL image whose data is broken
-        raise ImageError(f"{what} cannot be decoded: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a lazily opened PIL image whose data is broken, a
+        # mode Pillow cannot convert; Pillow raises OSError, ValueError and others
+        raise ImageError(f"{what} cannot be decoded: {_one_line(e)}") from None
+    finally:
+        if img is not image:  # opened here: close the file now (multi-frame files keep it open)
+            img.close()
+
+
+def _one_line(e: BaseException) -> str:
+    """A Pillow error as one short line (ImageError messages are printed as one line)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 200 else msg[:200] + "..."
 
 
 def _open(path: Path):
@@ -87,19 +99,27 @@ def _open(path: Path):
     except UnidentifiedImageError:
         raise ImageError(f"{path} is not an image format Pillow can read (PNG, JPEG, GIF, BMP, TIFF, "
                          "WebP, ...)") from None
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: -W error
         raise ImageError(f"{path} is too large to decode (over {MAX_PIXELS:,} pixels); "
                          "downscale it first") from None
     except OSError as e:
-        raise ImageError(f"cannot read {path}: {e}") from None
-    w, h = img.size
-    if w * h > MAX_PIXELS:  # before decoding the pixels
-        raise ImageError(f"{path} is too large: {w} x {h} = {w * h:,} pixels (the limit is "
-                         f"{MAX_PIXELS:,}); downscale it first")
+        raise ImageError(f"cannot read {path}: {_one_line(e)}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow's format plugins raise ValueError, EOFError, ...
+        raise ImageError(f"{path} is corrupt: {_one_line(e)}") from None
     try:
+        w, h = img.size
+        if w * h > MAX_PIXELS:  # before decoding the pixels
+            raise ImageError(f"{path} is too large: {w} x {h} = {w * h:,} pixels (the limit is "
+                             f"{MAX_PIXELS:,}); downscale it first")
         img.load()
-    except Exception as e:  # truncated data raises OSError; broken codecs raise others
-        raise ImageError(f"{path} is corrupt or truncated: {e}") from None
+    except (ImageError, MemoryError):
+        img.close()
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated data raises OSError; broken codecs others
+        img.close()
+        raise ImageError(f"{path} is corrupt or truncated: {_one_line(e)}") from None
     return img
 
 

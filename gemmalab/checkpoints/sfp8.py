@@ -101,10 +101,11 @@ def save_sfp8(model, tokenizer, out_dir: str | Path, *, exact_rne: bool = False,
 
 def is_sfp8_dir(path: str | Path) -> bool:
     """Whether `path` is a directory whose config.json says quant_method "sfp8"."""
+    from .hf import read_json  # bounded: size, UTF-8, nesting depth (a bad file is not SFP8)
     try:
-        qc = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        qc = read_json(Path(path) / "config.json")["quantization_config"]
         return qc["quant_method"] == "sfp8"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (CheckpointError, KeyError, TypeError):
         return False
 
 
@@ -113,10 +114,8 @@ def _sfp8_modules(path: Path) -> tuple[str, ...]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; an SFP8 model directory needs one")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    from .hf import read_json
+    cfg = read_json(cfg_file)
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path} is not an SFP8 export: config.json has no quantization_config "
