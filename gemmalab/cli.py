@@ -414,7 +414,7 @@ def model_info(path: str | None) -> dict:
     if checkpoint_kind(p) == "hf":
         if not (p / "config.json").is_file():
             raise CheckpointError(f"{p} has no config.json; a Hugging Face model directory needs one")
-        raw = json.loads((p / "config.json").read_text())
+        raw = hf_ckpt.read_json(p / "config.json")  # one-line CheckpointError for a bad file
         config = hf_ckpt.config_from_hf(raw, p.name)
         multimodal = hf_ckpt.multimodal_config_from_hf(raw, p.name)
         types = Counter(hf_ckpt.tensor_dtypes(p).values())
@@ -485,11 +485,46 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """`gemmalab train RECIPE`; a full or read-only output directory is one line that says what to do."""
+    out_dir: list[str] = []
+    try:
+        return _train(args, out_dir)
+    except OSError as e:
+        import errno
+        if not out_dir or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        print(f"gemmalab: error: {_train_write_error(e, Path(out_dir[0]))}", file=sys.stderr)
+        return 1
+
+
+def _train_write_error(e: OSError, out: Path) -> str:
+    """A full disk (or quota, or file size limit) or a read-only file system under run.out_dir."""
+    import errno
+
+    from .train import checkpoint as ckpt
+
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    where = e.filename or out
+    try:
+        latest = ckpt.latest(out)
+    except OSError:
+        latest = None
+    kept = (f"the latest complete checkpoint, {latest}, is intact" if latest is not None
+            else "no checkpoint was completed yet")
+    if e.errno == errno.EROFS:
+        return (f"cannot write {where}: {e.strerror} ({name}); {kept}: set run.out_dir to a writable "
+                "directory (copy the run there to continue it with --resume)")
+    return (f"cannot write {where}: {e.strerror} ({name}); {kept}: free space (or raise the quota) "
+            "and rerun with --resume")
+
+
+def _train(args, out_dir: list[str]) -> int:
     if args.recipe == "qat":
         from .train.config import load_qat_config
         from .train.qat import train_qat
 
         cfg = load_qat_config(args.config, args.overrides)
+        out_dir.append(cfg.run.out_dir)
         last = train_qat(cfg, resume=args.resume, progress=not args.no_progress)
         if last:
             evals = "".join(f", {k} {last[k]:.4f}" for k in ("eval_ce", "eval_kl") if k in last)
@@ -501,6 +536,7 @@ def cmd_train(args) -> int:
         from .train.distill import train_distill
 
         cfg = load_distill_config(args.config, args.overrides)
+        out_dir.append(cfg.run.out_dir)
         last = train_distill(cfg, resume=args.resume, progress=not args.no_progress)
         if last:
             evals = "".join(f", {k} {last[k]:.4f}" for k in ("eval_ce", "eval_kl") if k in last)
@@ -510,6 +546,7 @@ def cmd_train(args) -> int:
     from .train.sft import train_sft
 
     cfg = load_config(args.config, args.overrides)
+    out_dir.append(cfg.run.out_dir)
     last = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {cfg.run.out_dir}")

@@ -253,7 +253,7 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
         step, tokens_seen = state["step"], state["tokens_seen"]
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        ckpt.write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
     metrics_log = (ckpt.MetricsLog(out / "metrics.jsonl", truncate_after=step,
                                    fields=ckpt.MetricsLog.FIELDS + tuple(extra_fields))
                    if rank == 0 else None)
