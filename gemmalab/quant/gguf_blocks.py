@@ -28,11 +28,14 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GGMLType
 
+from ..checkpoints.errors import CheckpointError
+
 __all__ = ["UnsupportedTensorType", "SUPPORTED_TYPES", "block_size_bytes", "dequantize"]
 
 
-class UnsupportedTensorType(ValueError):
-    """Raised for a ggml tensor type this module cannot dequantize."""
+class UnsupportedTensorType(CheckpointError):
+    """Raised for a ggml tensor type this module cannot dequantize: a model file gemmalab cannot read,
+    so a CheckpointError (and, as before, a ValueError) that the CLI prints as one line."""
 
 
 # (weights per block, bytes per block); plain float types count as one-weight blocks.
