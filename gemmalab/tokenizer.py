@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import codecs
 import json
+import operator
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-__all__ = ["Tokenizer", "StreamDecoder", "ChatTemplateError"]
+from .checkpoints.errors import CheckpointError
+
+__all__ = ["Tokenizer", "StreamDecoder", "ChatTemplateError", "TokenizerError", "CheckpointError"]
 
 # SentencePiece `ModelProto.SentencePiece.Type`; GGUF's `tokenizer.ggml.token_type` uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -45,6 +48,17 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 class ChatTemplateError(ValueError):
     """The messages cannot be rendered by the Gemma 3 chat template."""
+
+
+class TokenizerNotFoundError(CheckpointError, FileNotFoundError):
+    """A folder with neither tokenizer.model nor tokenizer.json (a CheckpointError, and still the
+    FileNotFoundError it always was)."""
+
+
+class TokenizerError(ValueError):
+    """Input the tokenizer cannot take: text that is not valid Unicode (a lone surrogate, which has no
+    UTF-8 encoding), or a token id that is not an integer in [0, vocab_size). One line, like every
+    gemmalab error; files that cannot be read as a tokenizer raise CheckpointError instead."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +241,8 @@ class Tokenizer:
         for i in _positions(self._types, (BYTE,)):
             m = _BYTE_PIECE.fullmatch(self._pieces[i])
             if m is None:
-                raise ValueError(f"byte-fallback piece {i} is {self._pieces[i]!r}, expected '<0xXX>'")
+                raise CheckpointError(f"{source or 'vocabulary'}: byte-fallback piece {i} is "
+                                      f"{self._pieces[i]!r:.40}, expected '<0xXX>'")
             self._byte[i] = int(m.group(1), 16)
 
     # ---- constructors ----------------------------------------------------------------------------------
@@ -241,7 +256,7 @@ class Tokenizer:
             if i is None or not 0 <= i < len(pieces):
                 i = next((k for k, p in enumerate(pieces) if p == name), None)
             if i is None:
-                raise ValueError(f"{source}: the vocabulary has no {name} token")
+                raise CheckpointError(f"{source}: the vocabulary has no {name} token")
             return i
 
         unk_id, bos_id = find(unk_id, "<unk>"), find(bos_id, "<bos>")
@@ -259,12 +274,15 @@ class Tokenizer:
         types[unk_id] = UNKNOWN  # GGUF files mark <unk> CONTROL; SentencePiece needs it UNKNOWN
         n_bytes = types.count(BYTE)
         if n_bytes != 256:
-            raise ValueError(f"{source}: expected 256 byte-fallback pieces <0x00>..<0xFF>, found {n_bytes}")
-        proto = _sentencepiece_proto(pieces, types, unk_id, bos_id, eos_id, pad_id)
+            raise CheckpointError(f"{source}: expected 256 byte-fallback pieces <0x00>..<0xFF>, found {n_bytes}")
+        try:
+            proto = _sentencepiece_proto(pieces, types, unk_id, bos_id, eos_id, pad_id)
+        except ValueError as e:  # a piece too long for the record layout
+            raise CheckpointError(f"{source}: {_one_line(e)}") from e
         try:
             sp = spm.SentencePieceProcessor(model_proto=proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with its own text
-            raise ValueError(f"{source}: SentencePiece rejected the vocabulary: {e}") from e
+            raise CheckpointError(f"{source}: SentencePiece rejected the vocabulary: {_one_line(e)}") from e
         return cls(pieces, types, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, unk_id=unk_id,
                    encode_plain=sp.encode, source=source)
 
@@ -277,21 +295,33 @@ class Tokenizer:
         source, meta = str(gf.path), gf.metadata
         model = meta.get("tokenizer.ggml.model")
         if model is None or "tokenizer.ggml.tokens" not in meta:
-            raise ValueError(f"{source}: the GGUF has no tokenizer (no tokenizer.ggml.model/tokens)")
-        if model not in ("llama", "gemma", "gemma3"):
-            raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not a SentencePiece vocabulary; "
-                             "only Gemma's SentencePiece tokenizer ('llama') is supported")
+            raise CheckpointError(f"{source}: the GGUF has no tokenizer (no tokenizer.ggml.model/tokens)")
+        if not isinstance(model, str) or model not in ("llama", "gemma", "gemma3"):
+            raise CheckpointError(f"{source}: tokenizer.ggml.model={model!r:.60} is not a SentencePiece "
+                                  "vocabulary; only Gemma's SentencePiece tokenizer ('llama') is supported")
+        # A damaged file may hold any GGUF type under these keys: check before using them.
         pieces = meta["tokenizer.ggml.tokens"]
+        if not isinstance(pieces, list) or not all(type(p) is str for p in pieces):
+            raise CheckpointError(f"{source}: tokenizer.ggml.tokens is not an array of strings")
         types = meta.get("tokenizer.ggml.token_type")
-        types = None if types is None else types.tolist() if hasattr(types, "tolist") else types
-        if types is None:
+        if types is not None:
+            import numpy as np
+
+            if not isinstance(types, np.ndarray) or types.dtype.kind not in "iu":
+                raise CheckpointError(f"{source}: tokenizer.ggml.token_type is not an array of integers")
+            types = types.tolist()
+        else:
             types = [BYTE if _BYTE_PIECE.fullmatch(p) else NORMAL for p in pieces]
         if len(types) != len(pieces):
-            raise ValueError(f"{source}: {len(pieces)} tokens but {len(types)} token types")
-        g = meta.get
-        return cls._from_vocab(pieces, list(types), bos_id=g("tokenizer.ggml.bos_token_id"),
-                               eos_id=g("tokenizer.ggml.eos_token_id"), pad_id=g("tokenizer.ggml.padding_token_id"),
-                               unk_id=g("tokenizer.ggml.unknown_token_id"), source=source)
+            raise CheckpointError(f"{source}: {len(pieces)} tokens but {len(types)} token types")
+        ids = {}
+        for key in ("bos", "eos", "padding", "unknown"):
+            i = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if i is not None and type(i) is not int:  # an int out of range: found by name instead
+                raise CheckpointError(f"{source}: tokenizer.ggml.{key}_token_id is {i!r:.40}, not a token id")
+            ids[key] = i
+        return cls._from_vocab(pieces, list(types), bos_id=ids["bos"], eos_id=ids["eos"],
+                               pad_id=ids["padding"], unk_id=ids["unknown"], source=source)
 
     @classmethod
     def from_hf_dir(cls, path) -> "Tokenizer":
@@ -299,17 +329,19 @@ class Tokenizer:
 
         With `tokenizer.model`, tokens that `added_tokens.json` / `tokenizer_config.json` add past the
         SentencePiece vocabulary (Gemma 3's `<image_soft_token>` = 262144) are appended.
+        A folder whose files cannot be read as a tokenizer: CheckpointError (TokenizerNotFoundError, also a
+        FileNotFoundError, when it has neither file).
         """
         folder = Path(os.fspath(path))
         if folder.is_file():
             folder = folder.parent
         spm_file, json_file = folder / "tokenizer.model", folder / "tokenizer.json"
-        config = _read_json(folder / "tokenizer_config.json") or {}
+        config = _read_json(folder / "tokenizer_config.json", dict) or {}
         if spm_file.is_file():
             return cls._from_sentencepiece_file(spm_file, folder, config)
         if json_file.is_file():
             return cls._from_tokenizer_json(json_file, config)
-        raise FileNotFoundError(
+        raise TokenizerNotFoundError(
             f"no tokenizer in {folder}: expected tokenizer.model (SentencePiece) or tokenizer.json")
 
     @classmethod
@@ -319,21 +351,30 @@ class Tokenizer:
         mp = pb.ModelProto()
         try:
             mp.ParseFromString(spm_file.read_bytes())
-        except Exception as e:
-            raise ValueError(f"{spm_file} is not a SentencePiece model: {e}") from e
-        if not len(mp.pieces):
-            raise ValueError(f"{spm_file} is not a SentencePiece model (no pieces)")
+            # Only pieces and types are kept: like the reference we merge in vocabulary order (scores ignored).
+            pieces = [p.piece for p in mp.pieces]
+            types = [p.type for p in mp.pieces]
+        except Exception as e:  # protobuf's DecodeError, or a piece that is not UTF-8
+            raise CheckpointError(f"{spm_file} is not a SentencePiece model: {_one_line(e)}") from e
+        if not pieces:
+            raise CheckpointError(f"{spm_file} is not a SentencePiece model (no pieces)")
+        bad = next((i for i, p in enumerate(pieces) if not isinstance(p, str)), None)
+        if bad is not None:  # protobuf hands proto2 `string` fields that are not UTF-8 back as bytes
+            raise CheckpointError(f"{spm_file}: piece {bad} is not UTF-8: {pieces[bad]!r:.40}")
         if mp.trainer_spec.model_type != pb.TrainerSpec.BPE:
-            raise ValueError(f"{spm_file}: only BPE SentencePiece models are supported (Gemma's kind)")
-        # Only pieces and types are kept: like the reference we merge in vocabulary order (scores ignored).
-        pieces = [p.piece for p in mp.pieces]
-        types = [p.type for p in mp.pieces]
+            raise CheckpointError(f"{spm_file}: only BPE SentencePiece models are supported (Gemma's kind)")
         # Tokens added on top of the SentencePiece model (HF conventions).
         extra: dict[int, tuple[str, bool]] = {}
-        for i, d in (config.get("added_tokens_decoder") or {}).items():
-            extra[int(i)] = (d["content"], bool(d.get("special", False)))
-        for content, i in (_read_json(folder / "added_tokens.json") or {}).items():
-            extra.setdefault(int(i), (content, True))
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise CheckpointError(f"{folder}/tokenizer_config.json: added_tokens_decoder must be an object")
+        for i, d in decoder.items():
+            if not isinstance(d, dict) or not isinstance(d.get("content"), str):
+                raise CheckpointError(f"{folder}/tokenizer_config.json: added_tokens_decoder[{i!r:.40}] must be "
+                                      "an object with a string 'content'")
+            extra[_added_id(i, folder)] = (d["content"], bool(d.get("special", False)))
+        for content, i in (_read_json(folder / "added_tokens.json", dict) or {}).items():
+            extra.setdefault(_added_id(i, folder), (content, True))
         for i in sorted(extra):
             content, special = extra[i]
             if i < len(pieces):
@@ -343,8 +384,8 @@ class Tokenizer:
                 pieces.append(content)
                 types.append(CONTROL if special else USER_DEFINED)
             else:
-                raise ValueError(f"{folder}: added token {content!r} has id {i}, past the vocabulary end "
-                                 f"{len(pieces)} with a gap")
+                raise CheckpointError(f"{folder}: added token {content!r:.40} has id {i}, past the vocabulary "
+                                      f"end {len(pieces)} with a gap")
         ts = mp.trainer_spec
         ids = {name: (getattr(ts, f"{name}_id") if getattr(ts, f"{name}_id") >= 0 else None)
                for name in ("bos", "eos", "pad", "unk")}
@@ -360,27 +401,51 @@ class Tokenizer:
             raise ImportError(f"reading {json_file} needs the `tokenizers` package: pip install tokenizers") from e
         try:
             backend = HFTokenizer.from_file(str(json_file))
-        except Exception as e:
-            raise ValueError(f"{json_file} is not a readable tokenizer.json: {e}") from e
-        vocab = backend.get_vocab(with_added_tokens=True)
+            vocab = backend.get_vocab(with_added_tokens=True)
+            added = backend.get_added_tokens_decoder()
+        except BaseException as e:  # tokenizers' Exception, or a Rust panic (pyo3's PanicException)
+            _reraise_fatal(e)
+            raise CheckpointError(f"{json_file} is not a readable tokenizer.json: {_one_line(e)}") from e
+        if not vocab:
+            raise CheckpointError(f"{json_file}: the vocabulary is empty")
+        # Gemma's kind, checked now so that a file that loads can encode any text later: a BPE model with
+        # byte fallback, all 256 <0xXX> pieces and its unk token in the vocabulary (tokenizers itself only
+        # notices a missing unk token when a text needs it).
+        model = backend.model
+        if type(model).__name__ != "BPE" or not getattr(model, "byte_fallback", False):
+            raise CheckpointError(f"{json_file}: the model is {type(model).__name__}"
+                                  f"{'' if type(model).__name__ != 'BPE' else ' without byte_fallback'}; "
+                                  "only Gemma's kind (BPE with byte fallback) is supported")
+        missing = sum(f"<0x{b:02X}>" not in vocab for b in range(256))
+        if missing:
+            raise CheckpointError(f"{json_file}: {missing} of the 256 byte-fallback pieces <0x00>..<0xFF> are missing")
+        if model.unk_token is not None and model.unk_token not in vocab:
+            raise CheckpointError(f"{json_file}: the unk token {model.unk_token!r:.40} is not in the vocabulary")
         n = max(vocab.values()) + 1
+        if n > 2 * len(vocab) + 1024:  # ids with gaps are allowed, but not a table sized by one bogus id
+            raise CheckpointError(f"{json_file}: token id {n - 1} for a vocabulary of {len(vocab)} tokens")
         pieces = [""] * n
         for piece, i in vocab.items():
             pieces[i] = piece
         types = [BYTE if _BYTE_PIECE.fullmatch(p) else NORMAL for p in pieces]
-        for i, tok in backend.get_added_tokens_decoder().items():
-            types[i] = CONTROL if tok.special else USER_DEFINED
+        for i, tok in added.items():
+            if 0 <= i < n:
+                types[i] = CONTROL if tok.special else USER_DEFINED
         ids = _config_special_ids(config, pieces)
 
         def encode_text(text: str) -> list[int]:
-            return backend.encode(text, add_special_tokens=False).ids
+            try:
+                return backend.encode(text, add_special_tokens=False).ids
+            except BaseException as e:  # a tokenizer.json whose pipeline fails on this text
+                _reraise_fatal(e)
+                raise TokenizerError(f"{json_file}: the tokenizer failed on this text: {_one_line(e)}") from e
 
         def find(name):
             return ids.get(name, vocab.get(f"<{name}>"))
 
         bos, eos, pad, unk = (find(k) for k in ("bos", "eos", "pad", "unk"))
         if bos is None or eos is None:
-            raise ValueError(f"{json_file}: cannot tell the <bos>/<eos> tokens")
+            raise CheckpointError(f"{json_file}: cannot tell the <bos>/<eos> tokens")
         return cls(pieces, types, bos_id=bos, eos_id=eos, pad_id=pad if pad is not None else eos,
                    unk_id=unk if unk is not None else eos, encode_text=encode_text, source=str(json_file))
 
@@ -406,17 +471,33 @@ class Tokenizer:
         return self._types[self._check_id(i)] in (CONTROL, UNKNOWN)
 
     def _check_id(self, i) -> int:
-        i = int(i)
+        """`i` as an int in [0, vocab_size), else TokenizerError (ints, bools, numpy / 0-d tensor ints;
+        not floats or strings, which would silently truncate or parse)."""
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TokenizerError(f"token id {i!r:.40} is not an integer ({type(i).__name__})") from None
         if not 0 <= i < self.vocab_size:
-            raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
+            raise TokenizerError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}"
+                                 if i.bit_length() < 128 else
+                                 f"token id of {i.bit_length()} bits is out of range for a vocabulary "
+                                 f"of {self.vocab_size}")
         return i
 
     # ---- encode / decode -------------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text (`<start_of_turn>`) become their ids."""
+        """Token ids of `text`. Special tokens written in the text (`<start_of_turn>`) become their ids.
+
+        Any valid Unicode text encodes (byte fallback covers every character), and
+        `decode(encode(text, add_bos=False)) == text` unless the text contains "\u2581" (SentencePiece's
+        visible space, which decodes as " ", as in the reference). A lone surrogate ("\ud800", e.g. from
+        JSON's "\\ud800" escape or bytes read with errors="surrogateescape") is not Unicode text and has
+        no UTF-8 bytes to fall back to: TokenizerError, as the reference refuses it too.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+        _check_unicode(text)
         ids = [self.bos_id] if add_bos else []
         if self._encode_text is not None:
             ids += self._encode_text(text)
@@ -435,7 +516,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        """Text of `ids` (ints, or a 1-D tensor/array). Special tokens render as their text unless skipped."""
+        """Text of `ids` (ints, or a 1-D tensor/array). Special tokens render as their text unless skipped.
+
+        An id that is not an integer in [0, vocab_size) (negative, too large, a float): TokenizerError.
+        Byte-fallback runs that are not valid UTF-8 decode with one U+FFFD per bad byte.
+        """
         out: list[str] = []
         dec = _Utf8Decoder(_ERRORS)
         pending = False
@@ -485,16 +570,61 @@ def _as_id_list(ids) -> list[int]:
         ids = ids.tolist()
     if isinstance(ids, int):
         return [ids]
-    return list(ids)
+    if isinstance(ids, (str, bytes)):  # iterable, but not ids: "12" would decode as ["1", "2"]
+        raise TokenizerError(f"token ids must be a sequence of ints, not {type(ids).__name__}")
+    try:
+        return list(ids)
+    except TypeError:
+        raise TokenizerError(f"token ids must be a sequence of ints, not {type(ids).__name__}") from None
 
 
-def _read_json(path: Path) -> Any:
+def _check_unicode(text: str) -> None:
+    """TokenizerError for a lone surrogate, which SentencePiece (and the reference) cannot take."""
+    if not text.isascii():  # O(1) for ASCII strings
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text has a lone surrogate U+{ord(text[e.start]):04X} at index {e.start}: "
+                                 "not valid Unicode (decode bytes with errors='replace', not "
+                                 "'surrogateescape')") from None
+
+
+def _read_json(path: Path, kind: type | None = None) -> Any:
+    """The JSON in `path` (None if there is no such file); CheckpointError if it is not JSON (or not `kind`)."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise CheckpointError(f"{path} is not valid JSON: {_one_line(e)}") from e
+    if kind is not None and not isinstance(value, kind):
+        raise CheckpointError(f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, "
+                              f"not {type(value).__name__}")
+    return value
+
+
+def _added_id(key: Any, folder: Path) -> int:
+    """An added token's id from tokenizer_config.json ("262144") or added_tokens.json (262144)."""
+    try:
+        i = int(key) if isinstance(key, str) else operator.index(key)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{folder}: added token id {key!r:.40} is not an integer") from None
+    if i < 0:
+        raise CheckpointError(f"{folder}: added token id {i} is negative")
+    return i
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """A wrapped library error as one line (gemmalab errors are one line; theirs may not be)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+def _reraise_fatal(e: BaseException) -> None:
+    """Let interpreter-level exceptions through; everything else (incl. pyo3's PanicException, a
+    BaseException) is the library's verdict on a bad input."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError, RecursionError)):
+        raise e
 
 
 def _config_special_ids(config: dict, pieces: list[str]) -> dict[str, int]:
@@ -557,7 +687,20 @@ CHAT_TEMPLATE = r"""{{ bos_token }}
 """
 
 
+def _short_repr(x: Any, limit: int = 80) -> str:
+    """repr for an error message: one line, at most `limit` characters, never failing (an int of 5000
+    digits has no repr)."""
+    try:
+        r = repr(x)
+    except Exception:  # noqa: BLE001 - ValueError for huge ints, anything from a user type
+        r = f"<{type(x).__name__}>"
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The Gemma 3 template's text for `messages` (without "<bos>"); ChatTemplateError, one line, for any
+    list it cannot render (bad container, missing or non-string role, misplaced system message,
+    roles not alternating, content that is not a string or a list of text/image items)."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ChatTemplateError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
                                 f"not {type(messages).__name__}")
@@ -593,8 +736,8 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
         index = k + (len(messages) - len(loop_messages))
         if role == "system":
             raise ChatTemplateError(f"message {index}: a system message is only allowed first")
-        if role not in _ROLE_NAMES:
-            raise ChatTemplateError(f"message {index}: unknown role {role!r}; "
+        if not isinstance(role, str) or role not in _ROLE_NAMES:
+            raise ChatTemplateError(f"message {index}: unknown role {_short_repr(role)}; "
                                     "expected 'system' (first only), 'user' or 'assistant'")
         if (role == "user") != (k % 2 == 0):
             raise ChatTemplateError("Conversation roles must alternate user/assistant/user/assistant/... "
@@ -615,7 +758,7 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
                     parts.append(text.strip())
                 else:
                     raise ChatTemplateError(f"message {index}, item {j}: content items must be dicts with "
-                                            f"'type' 'text' or 'image', got {item!r:.80}")
+                                            f"'type' 'text' or 'image', got {_short_repr(item)}")
         else:
             raise ChatTemplateError(f"Invalid content type: message {index} content must be a string or a list "
                                     f"of {{'type': 'text'|'image', ...}} items, not {type(content).__name__}")
@@ -642,6 +785,8 @@ class StreamDecoder:
         self._pending = False
 
     def push(self, token_id: int) -> str:
+        """The text `token_id` completes ("" while a character's bytes are incomplete); TokenizerError for
+        an id that is not an int in [0, vocab_size), leaving the decoder as it was."""
         tok = self._tok
         i = tok._check_id(token_id)
         t = tok._types[i]
