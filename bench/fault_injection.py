@@ -59,6 +59,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemmalab.cpu import cpu_family, cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's gemmalab and tests/ (the tiny teacher and data)
@@ -572,7 +574,7 @@ def run_bench(jobs: list[str], kills: int, seed: int, workdir: Path, disk: bool 
             disks[name] = disk_scenario(name, fx, workdir / name / "disk", ref)
             log(f"{name}: disk full / read-only: {disks[name]}")
     return {"date": datetime.date.today().isoformat(), "seed": seed, "kills_per_job": kills,
-            "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "cpu": f"{cpu_model()} ({cpu_family()})", "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": _torch_version(), "jobs": results, "disk": disks, "disk_skipped": why_not}
 
 
@@ -673,16 +675,6 @@ def disk_scenario(name: str, fx: dict, work: Path, ref: Reference | None = None,
                  and rec["read_only"]["unchanged"] and rec["resumed"]["bitwise_equal"]
                  and rec["resumed"]["metrics_equal"] and not rec["resumed"]["temps"])
     return rec
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _torch_version() -> str:

@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from gemmalab.cpu import cpu_family, cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_JSON = ROOT / "docs" / "reliability" / "server_fuzz.json"
 MD = ROOT / "docs" / "reliability.md"
@@ -261,16 +263,6 @@ def summarize(rows: list[dict]) -> dict:
             "non_openai_error_bodies": sum(1 for r in rows if r.get("bad_error"))}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fuzz(model: str = "tiny", max_examples: int = 1000, *, seed: int = 0, workers: int = 1,
          max_time: float | None = None, workdir: Path | None = None) -> dict:
     """The whole harness: server up, schemathesis, the after-checks, server down. Returns the summary."""
@@ -310,7 +302,7 @@ def fuzz(model: str = "tiny", max_examples: int = 1000, *, seed: int = 0, worker
         "schemathesis_exit_code": st["returncode"], "failures": findings,
         "server_alive_after": after, "server_log_tracebacks": len(tracebacks),
         "seconds": round(time.time() - t0, 1), "schemathesis_seconds": round(st["seconds"], 1),
-        "cpu": cpu_model(), "schemathesis": schemathesis_version(),
+        "cpu": f"{cpu_model()} ({cpu_family()})", "schemathesis": schemathesis_version(),
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
         "_output_tail": st["output"][-4000:],
     }

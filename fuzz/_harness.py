@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -89,18 +88,6 @@ def write(scratch: Path, name: str, data: bytes) -> Path:
     return p
 
 
-def cpu_model() -> str:
-    """"AMD EPYC (family 25 model 1)": the machine the counts were taken on."""
-    info = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            k, _, v = line.partition(":")
-            info.setdefault(k.strip(), v.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
-
-
 def check_outcome(target: Target, exc: BaseException | None) -> str:
     """The oracle: the outcome's name ("ok" or the error type), or raise Finding."""
     if exc is None:
@@ -144,7 +131,7 @@ class _Runner:
                 "outcomes": dict(self.counts.most_common()), "findings": 0,
                 "slowest_input_s": round(self.slowest, 3),
                 "documented_errors": [e.__name__ for e in self.t.expected], "notes": self.t.notes,
-                "cpu": cpu_model(), "engine": _engine()}
+                "cpu": _cpu(), "engine": _engine()}
 
     def finish(self) -> None:
         s = self.stats()
@@ -158,6 +145,13 @@ class _Runner:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # libFuzzer's loop does not return; stop here, counts written
+
+
+def _cpu() -> str:
+    """"AMD EPYC (family 25 model 1)": the machine the counts were taken on (gemmalab is
+    imported by then)."""
+    from gemmalab.cpu import cpu_family, cpu_model
+    return f"{cpu_model()} ({cpu_family()})"
 
 
 def _engine() -> str:

@@ -14,7 +14,6 @@ two-shard split with its index, and files with one small tensor of every dtype, 
 tensor.
 """
 import json
-import shutil
 import sys
 from pathlib import Path
 

@@ -50,7 +50,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from .checkpoint import _fsync_dir
+from .checkpoint import _fsync_dir, write_atomic
 from .teacher import SAMPLINGS, teacher_targets
 
 __all__ = ["StoreError", "build_store", "LogitStore", "StoreDataset", "tokenizer_identity",
@@ -194,17 +194,7 @@ def _allocate(f, total: int) -> None:
 def _write_json_atomic(path: Path, obj: dict) -> None:
     """The manifest, replaced atomically (temporary file, fsync, rename, fsync of the directory); the
     temporary file is removed if the write fails (a full disk), so the old manifest stays as it was."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(obj, indent=1).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def write_shard(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] = {}) -> tuple[int, str]:
