@@ -221,7 +221,10 @@ def main(target: Target, argv: list[str] | None = None) -> None:
         cap_memory(a.memory_gib)
     runner = _Runner(target, scratch, a.runs, a.seconds, a.out)
     a.artifacts.mkdir(parents=True, exist_ok=True)
-    args = [sys.argv[0], str(corpus), f"-max_len={max_len}", f"-timeout={target.timeout_s}",
+    # -rss_limit_mb=0: libFuzzer's RSS check reads getrusage's peak RSS, which Linux carries across
+    # exec from the parent (a harness started by a pytest process that grew to 6 GB reported "OOM"
+    # on its first input); the address-space cap above is the memory oracle instead.
+    args = [sys.argv[0], str(corpus), f"-max_len={max_len}", f"-timeout={target.timeout_s}", "-rss_limit_mb=0",
             f"-seed={a.seed}", f"-artifact_prefix={a.artifacts}/", "-print_final_stats=0",
             f"-max_total_time={int(a.seconds) + 60}"]
     atheris.Setup(args, runner)
