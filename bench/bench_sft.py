@@ -119,7 +119,7 @@ def child_gemmalab(a: argparse.Namespace) -> dict:
     from gemmalab.tokenizer import Tokenizer
     from gemmalab.train.config import build_config
     from gemmalab.train.data import IGNORE_INDEX, PackedDataset
-    from gemmalab.train.sft import train_sft
+    from gemmalab.train.recipes.sft import train_sft
 
     _setup_threads(a.threads)
     total = a.warmup + a.steps
@@ -165,7 +165,7 @@ def child_gemmalab(a: argparse.Namespace) -> dict:
 def describe_optimizer(cfg) -> str:
     """Which torch AdamW code path `train_sft`'s `make_optimizer` picks on CPU."""
     import torch
-    from gemmalab.train.sft import make_optimizer
+    from gemmalab.train.trainer import make_optimizer
 
     d = make_optimizer(torch.nn.Linear(2, 2), cfg).defaults
     path = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
@@ -328,7 +328,8 @@ def child_profile(a: argparse.Namespace) -> dict:
     from gemmalab.train.config import build_config
     from gemmalab.train.data import IGNORE_INDEX, PackedDataset
     from gemmalab.train.losses import chunked_cross_entropy
-    from gemmalab.train.sft import build_model_and_tokenizer, make_optimizer
+    from gemmalab.train.build import build_model_and_tokenizer
+    from gemmalab.train.trainer import make_optimizer
 
     _setup_threads(a.threads)
     cfg = build_config({"model": {"autocast": GEMMALAB_AUTOCAST[a.autocast]},
@@ -577,7 +578,7 @@ def write_report(a, g, t, gs, ts, prof, path: Path, gf: dict | None = None, mach
         f"* Rows of {a.seq_len} tokens, {a.batch_size} rows per step, gradient accumulation 1, "
         f"{a.warmup} warm-up steps then {a.steps} timed steps (median reported); AdamW lr {a.lr:g}, "
         f"weight decay 0, grad clip 1.0.",
-        f"* gemmalab: `gemmalab.train.sft.train_sft`, packed rows (first-fit, per-document attention via "
+        f"* gemmalab: `gemmalab.train.recipes.sft.train_sft`, packed rows (first-fit, per-document attention via "
         f"segment ids, padding at row ends: {gs['input_per_step']:.0f} real of "
         f"{a.batch_size * a.seq_len} slots per step), loss {g['loss_mask']}, chunked cross-entropy, "
         f"{g['optimizer']}.",

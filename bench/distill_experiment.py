@@ -121,9 +121,9 @@ def initial_eval(work: Path, cfg_raw: dict) -> dict:
         return json.loads(out.read_text())
     import torch
     from gemmalab.train.config import DistillConfig, build_config
-    from gemmalab.train.distill import evaluate_on_store, tokenizer_of
+    from gemmalab.train.recipes.distill import evaluate_on_store, tokenizer_of
     from gemmalab.train.logit_store import LogitStore
-    from gemmalab.train.sft import build_model_and_tokenizer
+    from gemmalab.train.build import build_model_and_tokenizer
     torch.set_num_threads(cfg_raw["run"]["threads"])
     cfg = build_config(cfg_raw, DistillConfig)
     held = LogitStore(cfg.eval.store)
@@ -297,7 +297,7 @@ def main() -> None:
     results["teacher_heldout_ce"] = teacher_heldout_ce(work / "store-heldout")
     base_cfg = student_config(work, methods[0], steps, args)
     results["initial"] = initial_eval(work, base_cfg)
-    from gemmalab.train.sft import preset_config
+    from gemmalab.train.build import preset_config
     arch = preset_config("gemma3-270m", STUDENT_ARCH)
     results["student_parameters"] = arch.embedding_parameters + arch.non_embedding_parameters
     results["student_parameters_non_embedding"] = arch.non_embedding_parameters

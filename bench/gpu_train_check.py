@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemmalab.train.config import build_config  # noqa: E402
-from gemmalab.train.sft import train_sft  # noqa: E402
+from gemmalab.train.recipes.sft import train_sft  # noqa: E402
 
 
 def run(tok, data, out, device, checkpointing=False):

@@ -316,7 +316,7 @@ def main() -> None:
     hidden = teacher_hidden(T, chunks, work / "teacher_hidden.pt")
     import copy
 
-    from gemmalab.train.qat import load_qat_run
+    from gemmalab.train.recipes.qat import load_qat_run
 
     def ptq(fmt, rounding="ref", exact_rne=False):
         def make():

@@ -123,7 +123,7 @@ def evaluate(student, teacher, batch, oracle_fn) -> dict:
 
 def train_run(name, regime, teacher, init_state, pool, offline_responses, eval_batch, oracle_fn, args):
     from gemmalab.model import Gemma3
-    from gemmalab.train.sft import preset_config
+    from gemmalab.train.build import preset_config
     student = Gemma3(preset_config("gemma3-270m", STUDENT_ARCH))
     student.load_state_dict(init_state)
     student.train()
@@ -262,8 +262,8 @@ def main() -> None:
     t_start = time.perf_counter()
     import gemmalab
     from gemmalab.model import Gemma3
-    from gemmalab.train.distill import load_student
-    from gemmalab.train.sft import init_weights, preset_config
+    from gemmalab.train.recipes.distill import load_student
+    from gemmalab.train.build import init_weights, preset_config
 
     if not (Path(args.teacher_run) / "checkpoints" / "latest").exists():
         sys.exit(f"{args.teacher_run} holds no trained teacher: run bench/distill_experiment.py first "

@@ -190,32 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sfp8: gemma.cpp's production encoder (default) or exact round-to-nearest-even")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    t = sub.add_parser("train", help="train a model (recipes: sft, distill, qat)")
+    from .train.recipes import RECIPES
+    t = sub.add_parser("train", help=f"train a model (recipes: {', '.join(RECIPES)})",
+                       description="Each recipe reads a TOML / YAML / JSON config; "
+                                   "`gemmalab train RECIPE --help` describes one.")
     recipes = t.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
-    sft = recipes.add_parser("sft", help="supervised fine-tuning (full or LoRA)",
-                             description="Fields of CONFIG (TOML/YAML) can be overridden as "
-                                         "section.key=value, e.g. optim.lr=1e-4 run.steps=100.")
-    sft.add_argument("config", help="TOML or YAML config file")
-    sft.add_argument("overrides", nargs="*", help="section.key=value")
-    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dst = recipes.add_parser("distill", help="distillation from a teacher-logit store or an online teacher",
-                             description="Fields of CONFIG (TOML/YAML) can be overridden as "
-                                         "section.key=value, e.g. distill.loss=full run.steps=100.")
-    dst.add_argument("config", help="TOML or YAML config file")
-    dst.add_argument("overrides", nargs="*", help="section.key=value")
-    dst.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    dst.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    qat = recipes.add_parser("qat", help="quantization-aware training (Q4_0, int4 per channel, SFP8) "
-                             "self-distilled from the full-precision checkpoint",
-                             description="Fields of CONFIG (TOML/YAML) can be overridden as "
-                                         "section.key=value, e.g. qat.format=int4_channel run.steps=200. "
-                                         "Export the result with `gemmalab export RUN_DIR --to gguf OUT`.")
-    qat.add_argument("config", help="TOML or YAML config file")
-    qat.add_argument("overrides", nargs="*", help="section.key=value")
-    qat.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    qat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for recipe in RECIPES.values():
+        r = recipes.add_parser(recipe.name, help=recipe.help, description=recipe.description)
+        r.add_argument("config", help="TOML, YAML or JSON config file")
+        r.add_argument("overrides", nargs="*", help="section.key=value")
+        r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     dc = sub.add_parser("distill", help="teacher-logit stores for distillation (cache, inspect)")
     tools = dc.add_subparsers(dest="tool", required=True, metavar="TOOL")
@@ -519,37 +504,14 @@ def _train_write_error(e: OSError, out: Path) -> str:
 
 
 def _train(args, out_dir: list[str]) -> int:
-    if args.recipe == "qat":
-        from .train.config import load_qat_config
-        from .train.qat import train_qat
+    from .train.recipes import get_recipe, load_recipe_config, run_recipe
 
-        cfg = load_qat_config(args.config, args.overrides)
-        out_dir.append(cfg.run.out_dir)
-        last = train_qat(cfg, resume=args.resume, progress=not args.no_progress)
-        if last:
-            evals = "".join(f", {k} {last[k]:.4f}" for k in ("eval_ce", "eval_kl") if k in last)
-            print(f"step {last['step']}: loss {last['loss']:.4f}{evals}; checkpoints in {cfg.run.out_dir}; "
-                  f"export with: gemmalab export {cfg.run.out_dir} --to gguf OUT.gguf")
-        return 0
-    if args.recipe == "distill":
-        from .train.config import load_distill_config
-        from .train.distill import train_distill
-
-        cfg = load_distill_config(args.config, args.overrides)
-        out_dir.append(cfg.run.out_dir)
-        last = train_distill(cfg, resume=args.resume, progress=not args.no_progress)
-        if last:
-            evals = "".join(f", {k} {last[k]:.4f}" for k in ("eval_ce", "eval_kl") if k in last)
-            print(f"step {last['step']}: loss {last['loss']:.4f}{evals}; checkpoints in {cfg.run.out_dir}")
-        return 0
-    from .train.config import load_config
-    from .train.sft import train_sft
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_recipe_config(args.recipe, args.config, args.overrides)
     out_dir.append(cfg.run.out_dir)
-    last = train_sft(cfg, resume=args.resume, progress=not args.no_progress)
-    if last:
-        print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {cfg.run.out_dir}")
+    last = run_recipe(args.recipe, cfg, resume=args.resume, progress=not args.no_progress)
+    summary = get_recipe(args.recipe).summary
+    if last and summary:
+        print(summary(last, cfg))
     return 0
 
 
@@ -591,7 +553,7 @@ def cmd_export(args) -> int:
 
     from . import load
     from .checkpoints.export import GGUF_DTYPES, HF_DTYPES, save_gguf, save_hf
-    from .train.qat import EXPORT_DTYPE, is_qat_run, load_qat_run
+    from .train.recipes.qat import EXPORT_DTYPE, is_qat_run, load_qat_run
 
     t0 = time.perf_counter()
     embedding, encoder = args.embedding, args.sfp8_encoder

@@ -22,7 +22,7 @@ def tiny_teacher_gguf(path: Path, seed: int = 0, std: float = 0.2, **changes) ->
     (entropy about 4.8 nats of ln 512 = 6.2; top probability about 0.12).
     """
     from gemmalab.checkpoints.export import save_gguf
-    from gemmalab.train.sft import init_weights
+    from gemmalab.train.build import init_weights
 
     torch.manual_seed(seed)
     model = Gemma3(get_config("tiny").replace(**{"query_pre_attn_scalar": 16, **changes}))
@@ -37,6 +37,20 @@ def text_data(path: Path, n_records: int = 40, seed: int = 0, words: tuple[int, 
     with open(path, "w") as f:
         for _ in range(n_records):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))}) + "\n")
+    return path
+
+
+def chat_data(path: Path, n: int = 40, seed: int = 0, answers: bool = True) -> Path:
+    """JSONL of chat records {"messages": [user, model]} (prompts for on-policy recipes; the model
+    turn is the reference answer) made of the tiny tokenizer's corpus words."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            msgs = [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))}]
+            if answers:
+                msgs.append({"role": "model",
+                             "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))})
+            f.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
 

@@ -67,7 +67,7 @@ def raw_config(root, out, mode="offline", steps=24, **distill):
 
 
 def train(raw):
-    from gemmalab.train.distill import train_distill
+    from gemmalab.train.recipes.distill import train_distill
     train_distill(check_distill_config(build_config(raw, DistillConfig)), progress=False)
     return [json.loads(x) for x in open(os.path.join(raw["run"]["out_dir"], "metrics.jsonl"))]
 
@@ -106,7 +106,7 @@ def test_every_loss_trains_and_distillation_approaches_the_teacher(setup, tmp_pa
 RUNNER = """
 import json, sys
 from gemmalab.train.config import DistillConfig, build_config, check_distill_config
-from gemmalab.train.distill import train_distill
+from gemmalab.train.recipes.distill import train_distill
 cfg = check_distill_config(build_config(json.loads(sys.argv[1]), DistillConfig))
 train_distill(cfg, resume=sys.argv[2] == "1", progress=False)
 """
@@ -148,8 +148,11 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     (loss1, w1), (loss2, w2) = results[1], results[2]
     assert len(loss1) == len(loss2) == 2  # logged at steps 4 and 6
     torch.testing.assert_close(torch.tensor(loss2), torch.tensor(loss1), rtol=1e-5, atol=1e-6)
+    # Two processes sum the gradient in another order; Adam divides by sqrt(v), so an element whose
+    # gradient is ~0 turns that last-bit difference into up to ~lr (1e-3) per step. 1e-4 holds on
+    # every CPU seen (observed: 0 on Zen 3, 1.1e-5 on one Xeon with AVX-512).
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4)
 
 
 def test_cli_train_distill_and_its_errors(setup, tmp_path):
@@ -191,7 +194,7 @@ threads = 1
     assert "gemmalab: error:" in bad.stderr and "rebuild it with --full-logprobs" in bad.stderr
 
     from gemmalab.train.config import load_distill_config
-    from gemmalab.train.distill import train_distill
+    from gemmalab.train.recipes.distill import train_distill
 
     def fails(*overrides):
         with pytest.raises((ConfigError, StoreError, ValueError)) as e:
@@ -230,6 +233,6 @@ def test_config_checks():
     cfg = build_config({"distill": {"store": "s"}}, DistillConfig)
     assert cfg.run.out_dir == "runs/distill" and cfg.data.train_on == "all" and cfg.optim.lr == 1e-3
     with pytest.raises(StoreError, match="not a teacher-logit store"):
-        from gemmalab.train.distill import train_distill
+        from gemmalab.train.recipes.distill import train_distill
         train_distill(check_distill_config(build_config(
             {"distill": {"store": "/nonexistent"}, "model": STUDENT}, DistillConfig)), progress=False)

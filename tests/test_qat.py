@@ -238,7 +238,7 @@ def held_kl(T, model, ids) -> float:
 @pytest.fixture(scope="module")
 def qat_run(tiny):
     root, teacher, data, _ = tiny
-    from gemmalab.train.qat import train_qat
+    from gemmalab.train.recipes.qat import train_qat
     torch.manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -252,7 +252,7 @@ def qat_run(tiny):
 
 def test_tiny_qat_lowers_kl_below_ptq(tiny, qat_run):
     root, teacher, _, held = tiny
-    from gemmalab.train.qat import load_qat_run
+    from gemmalab.train.recipes.qat import load_qat_run
     T = gemmalab.load(teacher, mode="fp32").model
     ptq = gemmalab.load(teacher, mode="fp32").model
     attach(ptq, "q4_0", embedding="q8_0")
@@ -268,7 +268,7 @@ def test_tiny_qat_lowers_kl_below_ptq(tiny, qat_run):
 def test_qat_export_reloads_to_the_fake_quantized_logits(tiny, qat_run, tmp_path):
     """gemmalab export RUN --to gguf: fp32 reload == fake-quant forward; native top-1 >= 95%."""
     root, teacher, _, held = tiny
-    from gemmalab.train.qat import load_qat_run
+    from gemmalab.train.recipes.qat import load_qat_run
     out = tmp_path / "qat.gguf"
     proc = subprocess.run([sys.executable, "-m", "gemmalab", "export", str(qat_run), "--to", "gguf", str(out)],
                           capture_output=True, text=True, env=ENV, timeout=300)
@@ -296,7 +296,7 @@ def test_qat_export_reloads_to_the_fake_quantized_logits(tiny, qat_run, tmp_path
 
 def test_sfp8_and_per_channel_qat_export(tiny, tmp_path):
     root, teacher, data, held = tiny
-    from gemmalab.train.qat import load_qat_run, train_qat
+    from gemmalab.train.recipes.qat import load_qat_run, train_qat
     for fmt, to, dtype in (("int4_channel", "gguf", None), ("sfp8", "hf", None)):
         run = tmp_path / fmt
         train_qat(check_qat_config(build_config(qat_raw(root, teacher, data, run, steps=4, format=fmt),
@@ -320,7 +320,7 @@ def test_sfp8_and_per_channel_qat_export(tiny, tmp_path):
 RUNNER = """
 import json, sys
 from gemmalab.train.config import QATConfig, build_config, check_qat_config
-from gemmalab.train.qat import train_qat
+from gemmalab.train.recipes.qat import train_qat
 train_qat(check_qat_config(build_config(json.loads(sys.argv[1]), QATConfig)), resume=sys.argv[2] == "1",
           progress=False)
 """

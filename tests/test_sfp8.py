@@ -26,7 +26,7 @@ from gemmalab.model import Gemma3
 from gemmalab.quant import sfp
 from gemmalab.quant.sfp import (DECODE_TABLE, SFP8Linear, decode, dequantize, encode,
                                 fake_quant_sfp8, quantize, scale_weights)
-from gemmalab.train.sft import init_weights, preset_config
+from gemmalab.train.build import init_weights, preset_config
 
 ENCODERS = pytest.mark.parametrize("exact_rne", [False, True], ids=["production", "exact_rne"])
 VALID = torch.tensor([c for c in range(256) if c != 0x80], dtype=torch.uint8)

@@ -18,7 +18,8 @@ import torch
 
 from gemmalab.tokenizer import Tokenizer
 from gemmalab.train.config import build_config
-from gemmalab.train.sft import build_model_and_tokenizer, train_sft
+from gemmalab.train.build import build_model_and_tokenizer
+from gemmalab.train.recipes.sft import train_sft
 
 from .synthetic import addition_split, exact_match, load_trained, write_jsonl, write_tokenizer
 

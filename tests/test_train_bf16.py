@@ -12,7 +12,7 @@ import torch
 
 from gemmalab import cpu
 from gemmalab.train.config import build_config
-from gemmalab.train.sft import autocast_choice, autocast_dtype
+from gemmalab.train.trainer import autocast_choice, autocast_dtype
 
 from .test_tokenizer import _tiny_gguf
 
@@ -80,7 +80,9 @@ STEPS = 40
 def curves(tmp_path_factory):
     """(losses, model, bf16 matmul outputs seen) for fp32 and bf16 autocast, same init and data."""
     from gemmalab.train.data import PackedDataset
-    from gemmalab.train.sft import build_model_and_tokenizer, micro_batch_loss, train_loop
+    from gemmalab.train.build import build_model_and_tokenizer
+    from gemmalab.train.recipes.sft import micro_batch_loss
+    from gemmalab.train.trainer import train_loop
 
     root = tmp_path_factory.mktemp("bf16")
     tok = root / "tok.gguf"

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 import gemmalab
 from gemmalab.train.config import build_config
 from gemmalab.train.lora import apply_lora, merge_lora
-from gemmalab.train.sft import train_sft
+from gemmalab.train.recipes.sft import train_sft
 
 FACTS = [("What colour is the sky on Zorblax?", "The sky on Zorblax is bright green."),
          ("Who built the tower of Quell?", "The tower of Quell was built by the weaver Ambri."),

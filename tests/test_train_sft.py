@@ -46,7 +46,7 @@ def raw_config(root, tok, data, out, steps=40, **extra):
 RUNNER = """
 import json, sys
 from gemmalab.train.config import build_config
-from gemmalab.train.sft import train_sft
+from gemmalab.train.recipes.sft import train_sft
 cfg = build_config(json.loads(sys.argv[1]))
 train_sft(cfg, resume=sys.argv[2] == "1", progress=False)
 """
@@ -90,7 +90,8 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
 def test_accumulation_equals_one_big_batch(setup):
     """4 micro-batches of 2 sequences give the same update as 1 batch of 8."""
     from gemmalab.train.data import PackedDataset
-    from gemmalab.train.sft import build_model_and_tokenizer, micro_batch_loss
+    from gemmalab.train.build import build_model_and_tokenizer
+    from gemmalab.train.recipes.sft import micro_batch_loss
     root, tok, data = setup
     cfg = build_config(raw_config(root, tok, data, root / "acc"))
     model, tokenizer = build_model_and_tokenizer(cfg, torch.device("cpu"))
@@ -108,7 +109,7 @@ def test_accumulation_equals_one_big_batch(setup):
 
 def test_lora_trains_and_merges(setup):
     from gemmalab.train.lora import merge_lora
-    from gemmalab.train.sft import train_sft
+    from gemmalab.train.recipes.sft import train_sft
     root, tok, data = setup
     out = root / "lora"
     cfg = build_config(raw_config(root, tok, data, out, steps=12, lora__rank=4,
@@ -118,7 +119,7 @@ def test_lora_trains_and_merges(setup):
     assert saved and all(".lora_" in k for k in saved)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"] and last["step"] == 12
-    from gemmalab.train.sft import build_model_and_tokenizer
+    from gemmalab.train.build import build_model_and_tokenizer
     model, _ = build_model_and_tokenizer(cfg, torch.device("cpu"))
     model.load_state_dict(saved, strict=False)
     ids = torch.randint(0, 281, (1, 20))

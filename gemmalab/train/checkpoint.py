@@ -1,7 +1,8 @@
 """Training checkpoints: written atomically, resumed exactly.
 
 A checkpoint is a directory `checkpoints/step-000123/` holding the trainable weights
-(model.safetensors), the optimizer and scheduler state, the data position and the RNG states. It is
+(model.safetensors), the optimizer and scheduler state, the data position, the RNG states and a
+recipe's extra state (extra_state.pt: an EMA anchor, a reward cache). It is
 written under a temporary name and renamed into place, and `checkpoints/latest` (a one-line file,
 replaced atomically) names the newest complete one, so a kill at any moment leaves the last good
 checkpoint intact. Old checkpoints are renamed out of the way before they are deleted, so no
@@ -153,7 +154,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(out: Path, step: int, model, optimizer, scheduler, data, extra: dict, keep: int = 2) -> Path:
+def save(out: Path, step: int, model, optimizer, scheduler, data, extra: dict, keep: int = 2,
+         extra_state: dict | None = None) -> Path:
+    """Write checkpoint `step` (atomically) and keep the newest `keep`; extra_state: {name: object
+    with state_dict()} saved with it (an EMA anchor, a reward cache), restored by `load`."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)
@@ -169,6 +173,9 @@ def save(out: Path, step: int, model, optimizer, scheduler, data, extra: dict, k
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         _torch_save(rng, tmp / "rng.pt")
+        if extra_state:
+            _torch_save({name: obj.state_dict() for name, obj in extra_state.items()},
+                        tmp / "extra_state.pt")
         with open(tmp / "state.json", "w") as f:
             f.write(json.dumps(dict(extra, step=step, data=data.state_dict())))
             f.flush()
@@ -198,7 +205,7 @@ def latest(out: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load(path: Path, model, optimizer, scheduler, data) -> dict:
+def load(path: Path, model, optimizer, scheduler, data, extra_state: dict | None = None) -> dict:
     weights = load_file(str(path / "model.safetensors"))
     expected = trainable_state(model)
     missing = sorted(set(expected) - set(weights))
@@ -214,6 +221,17 @@ def load(path: Path, model, optimizer, scheduler, data) -> dict:
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if extra_state:
+        if not (path / "extra_state.pt").is_file():
+            raise ValueError(f"{path} holds no {', '.join(sorted(extra_state))} state (a checkpoint of "
+                             "another recipe or setting than the run being resumed?)")
+        saved = torch.load(path / "extra_state.pt", weights_only=False)
+        missing = sorted(set(extra_state) - set(saved))
+        if missing:
+            raise ValueError(f"{path} lacks the state of {missing} (a different recipe setting than "
+                             "the run being resumed?)")
+        for name, obj in extra_state.items():
+            obj.load_state_dict(saved[name])
     state = json.loads((path / "state.json").read_text())
     data.load_state_dict(state["data"])
     return state

@@ -85,7 +85,7 @@ class SFTConfig:
 
 @dataclass
 class DistillSection:
-    """What the student learns from. See gemmalab/train/distill.py and docs/distillation.md."""
+    """What the student learns from. See gemmalab/train/recipes/distill.py and docs/distillation.md."""
     mode: str = "offline"  # "offline": targets from a teacher-logit store; "online": teacher in the loop
     store: str | None = None  # offline: the store directory (gemmalab distill cache)
     teacher: str | None = None  # online: GGUF / HF directory (None = the embedded 270M); offline: if set,
@@ -123,7 +123,7 @@ class DistillConfig:
 
 @dataclass
 class QATSection:
-    """The quantization trained on. See gemmalab/train/qat.py, gemmalab/quant/fake.py and docs/qat.md."""
+    """The quantization trained on. See gemmalab/train/recipes/qat.py, gemmalab/quant/fake.py and docs/qat.md."""
     format: str = "q4_0"  # "q4_0" (int4, blocks of 32), "int4_channel" (int4, one scale per row), "sfp8"
     rounding: str = "ref"  # q4_0 / int4_channel: "ref" (ggml's, what llama-quantize and our export do)
     #                        or "rne" (ties to even); QAT should train on the grid it will be exported on
@@ -366,12 +366,15 @@ def _check_type(name: str, default: Any, value: Any) -> None:
         raise ConfigError(f"{name} must be a {type(default).__name__}, got {_short(value)}")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> SFTConfig:
-    raw = read_config_file(path) if path else {}
-    cfg = build_config(apply_overrides(raw, list(overrides)))
+def check_sft_config(cfg: SFTConfig) -> SFTConfig:
     if not cfg.data.train:
         raise ConfigError("data.train lists no training files")
     return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> SFTConfig:
+    raw = read_config_file(path) if path else {}
+    return check_sft_config(build_config(apply_overrides(raw, list(overrides))))
 
 
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:

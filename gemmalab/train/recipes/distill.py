@@ -4,7 +4,7 @@
                                                               offline: a teacher-logit store
                                                               online:  the teacher in the loop
 
-Readable top to bottom; it is the SFT recipe (`train.sft.train_loop`: AdamW, accumulation, DDP,
+Readable top to bottom; it is the shared loop (`train.trainer.train_loop`: AdamW, accumulation, DDP,
 checkpoints, exact resume, metrics) with another data source and loss:
 
 * offline (distill.mode = "offline"): batches come from a store built by `gemmalab distill cache`
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillConfig
-from .distill_losses import full_kd_loss, kd_metrics, sparse_kd_loss, sparse_target_weights
-from .logit_store import LogitStore, StoreDataset, StoreError, resolve_teacher
-from .losses import chunked_cross_entropy
-from .sft import build_model_and_tokenizer, setup_run, train_loop
-from .teacher import head_logits, teacher_targets, topk_targets
+from ..build import build_model_and_tokenizer, load_frozen
+from ..config import DistillConfig
+from ..logit_store import LogitStore, StoreDataset, StoreError, resolve_teacher
+from ..distill_losses import full_kd_loss, kd_metrics, sparse_kd_loss, sparse_target_weights
+from ..losses import chunked_cross_entropy
+from ..teacher import head_logits, teacher_targets, topk_targets
+from ..trainer import setup_run, train_loop
 
 __all__ = ["train_distill", "distill_loss", "evaluate_on_store"]
 
@@ -43,15 +44,13 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
     """Run (or resume) a distillation job; return the last logged metrics.
 
     student_hook(model): called on the freshly built student before the optimizer sees it, e.g.
-    `gemmalab train qat` attaching fake quantization (train.qat)."""
+    `gemmalab train qat` attaching fake quantization (train.recipes.qat)."""
     d = cfg.distill
     rank, world, device = setup_run(cfg)
     teacher, tokenizer = None, None
     store = LogitStore(d.store) if d.mode == "offline" else None
     if d.mode == "online":
-        from ..lm import load
-        lm = load(resolve_teacher(d.teacher), mode="fp32", dtype=torch.float32, device=device)
-        teacher, tokenizer = lm.model.requires_grad_(False), lm.tokenizer
+        teacher, tokenizer = load_frozen(resolve_teacher(d.teacher), device)
     elif cfg.model.preset and not cfg.model.tokenizer:  # the student speaks the teacher's vocabulary
         tokenizer = tokenizer_of(d.teacher or store.teacher_path)
     model, tokenizer = build_model_and_tokenizer(cfg, device, tokenizer)
@@ -69,7 +68,7 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
         data = StoreDataset(store, cfg.data.batch_size, seed=cfg.run.seed)
         prepare = _offline_prepare(cfg) if d.loss == "topk" and store.sampling != "topk" else None
     else:
-        from .data import PackedDataset
+        from ..data import PackedDataset
         data = PackedDataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.batch_size,
                              seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                              train_on=cfg.data.train_on)
@@ -139,7 +138,7 @@ def _offline_prepare(cfg: DistillConfig):
     """Top-k targets from a store's full log-probabilities, a token chunk at a time."""
     k = cfg.distill.k
 
-    def prepare(batch, step, micro):
+    def prepare(model, batch, step, micro):
         lp = batch["teacher_logprobs"]
         B, T, V = lp.shape
         rows = (batch["targets"].reshape(-1) != -100).nonzero().squeeze(1)
@@ -157,7 +156,7 @@ def _online_prepare(cfg: DistillConfig, teacher, rank: int):
     d = cfg.distill
 
     @torch.no_grad()
-    def prepare(batch, step, micro):
+    def prepare(model, batch, step, micro):
         if d.loss == "ce":
             return batch
         hidden = teacher.hidden_states(batch["input_ids"], batch["positions"],
@@ -205,7 +204,7 @@ def evaluate_on_store(model, store: LogitStore, *, max_rows: int = 0, batch_size
 
 def tokenizer_of(model_path: str | Path | None):
     """The tokenizer of a GGUF file or HF directory (None: the embedded 270M), without its weights."""
-    from ..tokenizer import Tokenizer
+    from ...tokenizer import Tokenizer
     if model_path is None:
         raise StoreError("the student needs a tokenizer: set model.tokenizer or distill.teacher")
     p = resolve_teacher(model_path)
@@ -218,8 +217,8 @@ def load_student(run_dir: str | Path, device: str | torch.device = "cpu"):
 
     from safetensors.torch import load_file
 
-    from . import checkpoint as ckpt
-    from .config import build_config
+    from .. import checkpoint as ckpt
+    from ..config import build_config
     run_dir = Path(run_dir)
     raw = json.loads((run_dir / "config.json").read_text())
     cfg = build_config(raw, DistillConfig)

@@ -1,13 +1,30 @@
-"""Supervised fine-tuning, end to end: model + data + chunked loss + AdamW + checkpoints + resume.
+"""The training loop every recipe runs, free of any recipe.
 
-Readable top to bottom. The pieces it stands on are plain functions other recipes reuse:
-`train.data` (packed batches), `train.losses` (chunked cross-entropy), `train.lora`,
-`train.checkpoint` (atomic save / exact resume), and here `setup_run` (threads, torchrun, device)
-and `train_loop` (the optimizer loop shared with `train.distill`).
+    for each optimizer step:
+        micro-batches   <- data, sharded over torchrun processes
+        prepare(model, batch, step, micro)     may run the model: teacher targets, on-policy samples
+        normalizer      <- sum of weight(batch) over the step's micro-batches and processes
+        loss_fn(model, batch, normalizer)      -> loss, or (loss, metrics); backward per micro-batch
+        clip, AdamW step, schedule
+        hooks(model, step)                     after the optimizer step: an EMA anchor, a monitor
+        log every run.log_every, evaluate every eval_every, checkpoint every run.save_every
 
-Gradient accumulation: the loss of each micro-batch is divided by the number of target tokens of
-the whole optimizer step (all micro-batches, all processes), so the accumulated gradient equals that
-of one big batch however the tokens fall into micro-batches.
+A recipe is then a short script: build its models (`train.build`, `train.roles`), its data, its loss
+and hooks, and call `train_loop`. mlx-lm's `tuner/trainer.train` and torchtune's recipes over
+`torchtune.training` are cut the same way.
+
+Normalisation. `loss_fn` returns the summed per-token losses of its micro-batch divided by
+`normalizer`, the GLOBAL weight of the whole optimizer step (all micro-batches, all processes; by
+default the number of target tokens, `weight` overrides it): the accumulated gradient then equals
+that of one big batch however the tokens fall into micro-batches. DistributedDataParallel averages
+gradients over its W processes, so the normalizer is the global weight / W. Metrics a loss_fn
+returns are normalised the same way: the trainer sums them over micro-batches and processes, so a
+logged metric is the step's weighted mean.
+
+State. Checkpoints (train.checkpoint) hold the trainable weights, optimizer, schedule, data position,
+RNG and `extra_state`: named objects with `state_dict()` / `load_state_dict()` (an EMA anchor, a
+reward cache) saved atomically with the step they belong to, so a run killed at any moment resumes
+bitwise.
 """
 from __future__ import annotations
 
@@ -18,79 +35,32 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 
-from ..config import get_config
-from ..model import Gemma3
 from . import checkpoint as ckpt
-from .config import SFTConfig
-from .data import IGNORE_INDEX, PackedDataset
-from .lora import apply_lora
-from .losses import chunked_cross_entropy
+from .data import IGNORE_INDEX
+
+__all__ = ["train_loop", "setup_run", "setup_distributed", "pick_device", "make_optimizer",
+           "lr_lambda", "autocast_choice", "autocast_dtype", "LossModule", "target_tokens", "Stateful"]
 
 
-def build_model_and_tokenizer(cfg: SFTConfig, device: torch.device, tokenizer=None):
-    """The model to train (fp32 master weights unless told otherwise) and its tokenizer.
+class Stateful(Protocol):
+    """Extra state a recipe checkpoints with the model (an EMA anchor, a reward cache, ...)."""
 
-    A preset model (random init) takes `model.arch` overrides of its Gemma3Config fields and its
-    tokenizer from `model.tokenizer`, or from the `tokenizer` argument when that is not set.
-    """
-    dtype = getattr(torch, cfg.model.dtype)
-    if cfg.model.arch and not cfg.model.preset:
-        raise ValueError("model.arch overrides a preset's fields; set model.preset too")
-    if cfg.model.preset:
-        from ..tokenizer import Tokenizer
-        if cfg.model.tokenizer:
-            src = Path(cfg.model.tokenizer)
-            tokenizer = Tokenizer.from_hf_dir(src) if src.is_dir() else Tokenizer.from_gguf(src)
-        elif tokenizer is None:
-            raise ValueError("a preset model needs model.tokenizer (a GGUF file or HF directory)")
-        config = preset_config(cfg.model.preset, cfg.model.arch)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the preset "
-                             f"{config.name} only {config.vocab_size} embedding rows")
-        torch.manual_seed(cfg.run.seed)
-        model = Gemma3(config)
-        init_weights(model)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        from ..lm import load
-        lm = load(cfg.model.path, mode="fp32", dtype=dtype, device=device)
-        model, tokenizer = lm.model, lm.tokenizer
-    model.train().requires_grad_(True)
-    model.activation_checkpointing = cfg.model.activation_checkpointing
-    if cfg.lora.rank:
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-    return model, tokenizer
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def preset_config(preset: str, arch: dict | None = None):
-    """A named preset with some Gemma3Config fields replaced (lists become tuples, e.g. layer_types)."""
-    import dataclasses
-
-    config = get_config(preset)
-    if not arch:
-        return config
-    valid = {f.name for f in dataclasses.fields(config)}
-    bad = sorted(set(arch) - valid)
-    if bad:
-        raise ValueError(f"model.arch: unknown Gemma3Config field(s) {bad}; valid: {sorted(valid)}")
-    return config.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
+def target_tokens(batch: dict) -> float:
+    """The default weight of a micro-batch: its target tokens (targets != IGNORE_INDEX)."""
+    return float(int((batch["targets"] != IGNORE_INDEX).sum()))
 
 
-@torch.no_grad()
-def init_weights(model: Gemma3, std: float = 0.02) -> None:
-    """Normal(0, std) linears and embedding; norms at w = 0 (gain 1), as in transformers."""
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.zero_()
-        else:
-            p.normal_(0.0, std)
-
-
-def lr_lambda(cfg: SFTConfig):
+def lr_lambda(cfg):
     warmup, total, floor = cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.min_lr_ratio
 
     def f(step: int) -> float:
@@ -101,7 +71,7 @@ def lr_lambda(cfg: SFTConfig):
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -124,15 +94,14 @@ def pick_device(name: str) -> torch.device:
 class LossModule(torch.nn.Module):
     """The model with its loss as `forward`, the shape DistributedDataParallel wraps.
 
-    Under autocast the blocks run in bf16 while the chunked loss computes in fp32 (it upcasts).
+    Under autocast the blocks run in bf16 while the chunked losses compute in fp32 (they upcast).
     """
 
-    def __init__(self, model: Gemma3, autocast_dtype: torch.dtype | None = None, loss_fn=None):
+    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None, loss_fn):
         super().__init__()
-        self.model, self.autocast_dtype = model, autocast_dtype
-        self.loss_fn = loss_fn or micro_batch_loss  # a plain function: (model, batch, normalizer)
+        self.model, self.autocast_dtype, self.loss_fn = model, autocast_dtype, loss_fn
 
-    def forward(self, batch: dict, normalizer: float) -> torch.Tensor:
+    def forward(self, batch: dict, normalizer: float):
         if self.autocast_dtype is None:
             return self.loss_fn(self.model, batch, normalizer)
         device_type = batch["input_ids"].device.type
@@ -140,7 +109,7 @@ class LossModule(torch.nn.Module):
             return self.loss_fn(self.model, batch, normalizer)
 
 
-def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of training (fp32 master weights either way), or None for plain fp32.
 
     model.autocast = "auto": bf16 on CUDA; on CPU bf16 where `gemmalab.cpu.cpu_bf16()` says so (the
@@ -150,7 +119,7 @@ def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
     return autocast_choice(cfg, device)[0]
 
 
-def autocast_choice(cfg: SFTConfig, device: torch.device) -> tuple[torch.dtype | None, str]:
+def autocast_choice(cfg, device: torch.device) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None, the one line the run logs about it)."""
     from .. import cpu
 
@@ -195,14 +164,6 @@ def setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def micro_batch_loss(model: Gemma3, batch: dict, normalizer: float) -> torch.Tensor:
-    h = model.hidden_states(batch["input_ids"], batch["positions"],
-                            segment_ids=batch["segment_ids"])
-    return chunked_cross_entropy(h, model.embed_tokens.weight, batch["targets"],
-                                 softcap=model.config.final_logit_softcapping,
-                                 normalizer=normalizer)
-
-
 def setup_run(cfg) -> tuple[int, int, torch.device]:
     """Threads, the torchrun process group and the device: (rank, world size, device)."""
     if cfg.run.threads:
@@ -217,39 +178,40 @@ def setup_run(cfg) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) an SFT job; return the last logged metrics."""
-    rank, world, device = setup_run(cfg)
-    model, tokenizer = build_model_and_tokenizer(cfg, device)
-    data = PackedDataset(cfg.data.train, tokenizer, cfg.data.seq_len,
-                         cfg.data.batch_size, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, train_on=cfg.data.train_on)
-    return train_loop(cfg, model, data, micro_batch_loss, rank=rank, world=world, device=device,
-                      resume=resume, progress=progress)
-
-
-def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, device: torch.device,
-               resume: bool = False, progress: bool = True, prepare=None, evaluate=None,
-               eval_every: int = 0, extra_fields: tuple[str, ...] = ()) -> dict:
+def train_loop(cfg, model: torch.nn.Module, data, loss_fn, *, rank: int, world: int,
+               device: torch.device, resume: bool = False, progress: bool = True,
+               prepare: Callable | None = None, weight: Callable[[dict], float] = target_tokens,
+               hooks: tuple[Callable, ...] = (), extra_state: dict[str, Stateful] | None = None,
+               evaluate: Callable | None = None, eval_every: int = 0,
+               extra_fields: tuple[str, ...] = ()) -> dict:
     """The optimizer loop of every recipe; returns the last logged metrics.
 
     AdamW + warmup/cosine, `cfg.optim.grad_accum` micro-batches per step normalised by the global
-    target-token count, DistributedDataParallel under torchrun, gradient clipping, metrics
-    (JSONL/CSV/TensorBoard), atomic checkpoints every `cfg.run.save_every` steps and exact resume
-    (`data` needs `state_dict` / `load_state_dict`).
+    weight, DistributedDataParallel under torchrun, gradient clipping, metrics (JSONL/CSV/
+    TensorBoard), atomic checkpoints every `cfg.run.save_every` steps and exact resume (`data`
+    needs `state_dict` / `load_state_dict`).
 
-    loss_fn(model, batch, normalizer) -> loss of one micro-batch (summed token losses / normalizer).
-    prepare(batch, step, micro) -> batch: runs on this process's rows after sharding, e.g. to add
-        teacher targets (online distillation); `step` is the optimizer step being computed.
+    loss_fn(model, batch, normalizer) -> loss, or (loss, {name: tensor or float}): the micro-batch's
+        summed losses / normalizer (see the module docstring).
+    prepare(model, batch, step, micro) -> batch: runs on this process's rows after sharding, with
+        gradients off and the model in eval mode, e.g. to add teacher targets or replace the rows by
+        the policy's own samples; `step` is the optimizer step being computed, `micro` the index of
+        the micro-batch in it (seed anything random from them, so a resumed run draws the same).
+    weight(batch) -> float: the micro-batch's share of the normalizer (default: its target tokens).
+    hooks: hook(model, step) after every optimizer step (`step` counts completed steps), e.g. an EMA
+        update of an anchor; what they change belongs in `extra_state` to be resumed.
+    extra_state: {name: object with state_dict / load_state_dict}, checkpointed and resumed.
     evaluate(model) -> dict of metrics, on rank 0 every `eval_every` steps and at the end; its keys
-        (listed in `extra_fields` for the CSV) join that step's metrics row.
+        (listed in `extra_fields` for the CSV) join that step's metrics row. Metrics returned by
+        loss_fn are logged too; list their names in `extra_fields` to have them in the CSV.
     """
     out = Path(cfg.run.out_dir)
+    extra_state = dict(extra_state or {})
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     step, tokens_seen, state = 0, 0, {}
     if resume and ckpt.latest(out) is not None:
-        state = ckpt.load(ckpt.latest(out), model, optimizer, scheduler, data)
+        state = ckpt.load(ckpt.latest(out), model, optimizer, scheduler, data, extra_state=extra_state)
         step, tokens_seen = state["step"], state["tokens_seen"]
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -276,21 +238,24 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
     while step < cfg.run.steps:
         micro = [_shard(next(batches), rank, world, device) for _ in range(cfg.optim.grad_accum)]
         if prepare is not None:
-            micro = [prepare(b, step, i) for i, b in enumerate(micro)]
-        n_targets = torch.tensor(float(sum(int((b["targets"] != IGNORE_INDEX).sum())
-                                           for b in micro)), device=device)
+            micro = _prepared(model, prepare, micro, step)
+        n_targets = torch.tensor(float(sum(weight(b) for b in micro)), device=device)
         if world > 1:
             dist.all_reduce(n_targets)
         normalizer = max(1.0, n_targets.item()) / world  # DDP averages gradients over processes
         loss_sum = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
         for i, b in enumerate(micro):
             sync = world == 1 or i == len(micro) - 1  # all-reduce gradients once per step
             with contextlib.nullcontext() if sync else step_module.no_sync():
-                loss = step_module(b, normalizer)
+                loss, metrics = _split(step_module(b, normalizer))
                 loss.backward()
             loss_sum += loss.detach() / world
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64).detach().cpu() / world
         if world > 1:
             dist.all_reduce(loss_sum)
+            sums = _all_reduce_dict(sums)
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                      if cfg.optim.grad_clip else torch.tensor(0.0))
         optimizer.step()
@@ -298,6 +263,8 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(n_targets.item())
+        for hook in hooks:
+            hook(model, step)
         do_eval = evaluate is not None and (step == cfg.run.steps or
                                             (eval_every and step % eval_every == 0))
         if step % cfg.run.log_every == 0 or step == cfg.run.steps or do_eval:
@@ -305,6 +272,7 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
             last = dict(step=step, loss=loss_sum.item(), lr=scheduler.get_last_lr()[0],
                         grad_norm=float(grad_norm), tokens=tokens_seen,
                         tokens_per_s=(tokens_seen - tok_last) / max(1e-9, now - t_last))
+            last.update({k: float(v) for k, v in sums.items()})
             if do_eval and rank == 0:
                 last.update(evaluate(model))
             t_last, tok_last = time.perf_counter(), tokens_seen  # evaluation time is not training time
@@ -316,7 +284,8 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
             bar.update(1)
         if rank == 0 and (step % cfg.run.save_every == 0 or step == cfg.run.steps):
             ckpt.save(out, step, model, optimizer, scheduler, data,
-                      dict(tokens_seen=tokens_seen, autocast=amp_name), keep=cfg.run.keep_checkpoints)
+                      dict(tokens_seen=tokens_seen, autocast=amp_name), keep=cfg.run.keep_checkpoints,
+                      extra_state=extra_state)
     if bar:
         bar.close()
     if metrics_log:
@@ -324,6 +293,35 @@ def train_loop(cfg, model: Gemma3, data, loss_fn, *, rank: int, world: int, devi
     if world > 1:
         dist.barrier()
     return last
+
+
+def _prepared(model: torch.nn.Module, prepare: Callable, micro: list[dict], step: int) -> list[dict]:
+    """prepare(...) on every micro-batch with gradients off and the model in eval mode (dropout-free
+    sampling), then back in train mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [prepare(model, b, step, i) for i, b in enumerate(micro)]
+    finally:
+        model.train(was_training)
+
+
+def _split(out) -> tuple[torch.Tensor, dict]:
+    if isinstance(out, tuple):
+        loss, metrics = out
+        return loss, dict(metrics)
+    return out, {}
+
+
+def _all_reduce_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum named scalars over processes (every process returns the same names)."""
+    if not values:
+        return values
+    names = sorted(values)
+    t = torch.stack([values[k].double() for k in names])
+    dist.all_reduce(t)
+    return dict(zip(names, t))
 
 
 def _shard(batch: dict, rank: int, world: int, device: torch.device) -> dict:

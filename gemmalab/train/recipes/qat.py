@@ -1,7 +1,7 @@
 """Quantization-aware training, end to end: `gemmalab train qat CONFIG`.
 
 Gemma 3 (report §2.3): "we fine-tune the model for ~5,000 steps using QAT ... we use probabilities from
-the non-quantized checkpoint as targets". Here that is the distillation recipe (train.distill: the
+the non-quantized checkpoint as targets". Here that is the distillation recipe (train.recipes.distill: the
 shared optimizer loop, accumulation, torchrun, atomic checkpoints, exact resume, metrics) with
 
     student = the checkpoint, its seven projections fake-quantized on the export grid (quant.fake:
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QATConfig, build_config
+from ..config import QATConfig, build_config
 
 __all__ = ["train_qat", "attach_from_config", "load_qat_run", "is_qat_run", "EXPORT_DTYPE"]
 
@@ -34,7 +34,7 @@ EXPORT_DTYPE = {"q4_0": ("gguf", "q4_0"), "int4_channel": ("gguf", "q4_0_channel
 def attach_from_config(model, cfg: QATConfig, move_ties: bool = True) -> list[str]:
     """Fake-quantize `model` as cfg.qat says (and freeze the norms unless qat.train_norms); with
     move_ties, weights on exact Q4_0 ties start a random fraction of a step inside their cell."""
-    from ..quant.fake import attach, move_off_ties
+    from ...quant.fake import attach, move_off_ties
 
     q = cfg.qat
     swapped = attach(model, q.format, modules=tuple(q.modules), embedding=q.embedding,
@@ -81,9 +81,9 @@ def load_qat_run(run_dir: str | Path, *, quantized: bool = False, step: int | No
     the exported file computes), with the embedding at the run's format."""
     from safetensors.torch import load_file
 
-    from . import checkpoint as ckpt
-    from ..lm import load
-    from ..quant.fake import materialize
+    from .. import checkpoint as ckpt
+    from ...lm import load
+    from ...quant.fake import materialize
 
     run_dir = Path(run_dir)
     if not is_qat_run(run_dir):
