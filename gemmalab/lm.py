@@ -10,8 +10,8 @@ import torch
 
 from .checkpoints import CheckpointError, checkpoint_kind
 from .config import Gemma3Config, Gemma3MultimodalConfig
-from .generate import (GenerationResult, PromptTooLongError, SamplingParams, StopStrings,
-                       chunk_bounds, generate_steps)
+from .generate import (BatchGenerator, GenerationResult, PromptTooLongError, SamplingParams,
+                       TextStream, check_prompts, chunk_bounds, generate_steps)
 from .images import ImageInput, PanAndScan
 from .model import Gemma3, Gemma3Multimodal
 
@@ -208,34 +208,75 @@ class LM:
         stop_ids = tuple(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
         n = len(prompts)
         new: list[list[int]] = [[] for _ in range(n)]
-        done, reason = [False] * n, ["length"] * n
-        decoders = [self.tokenizer.stream_decoder() for _ in range(n)]
-        stoppers = [StopStrings(stop) for _ in range(n)]
-        texts = [""] * n
+        texts, reason = [""] * n, ["length"] * n
         stats: dict = {}
         prompts, vision = self._with_images(prompts, images, pan_and_scan)
         if max_new_tokens:
+            for b, token, piece, finish in self._events(prompts, vision, max_new_tokens, params,
+                                                        stop, stop_ids, stats, lookup):
+                if token is not None:
+                    new[b].append(token)
+                texts[b] += piece
+                if finish is not None:
+                    reason[b] = finish
+        return [GenerationResult(texts[b], new[b], reason[b], len(prompts[b]), stats)
+                for b in range(n)]
+
+    def _events(self, prompts: list[list[int]], vision: dict, max_new_tokens: int,
+                params: SamplingParams, stop: Sequence[str], stop_ids: tuple[int, ...],
+                stats: dict | None, lookup: int
+                ) -> Iterator[tuple[int, int | None, str, str | None]]:
+        """(prompt index, token or None, new text, finish reason or None) as generation goes.
+
+        The batch core (generate.BatchGenerator) runs every prompt in its own row, prefilled
+        first, then decoding together; each row samples with its own generator seeded
+        `params.seed`, so a prompt in a batch gives what it gives alone (bit for bit on the fused
+        quantized step; the fp32 module path decodes the batch in one forward, exact=False, whose
+        last bits may depend on the batch, as they did before the core).
+        Prompt lookup (one prompt, speculative) keeps its own loop (generate.lookup_steps): it
+        writes several tokens of a row per step and rolls rejected ones back; the text logic is
+        the same TextStream."""
+        if lookup:
+            text = TextStream(self.tokenizer, stop, stop_ids)
             for tokens, _ in generate_steps(self.model, prompts, max_new_tokens, params, stop_ids,
                                             self.config.pad_token_id, stats=stats, lookup=lookup,
                                             **vision):
-                for b, tok in enumerate(tokens.tolist()):
-                    if done[b]:
-                        continue
-                    new[b].append(tok)
-                    if tok in stop_ids:
-                        done[b], reason[b] = True, "stop"
-                        continue
-                    piece, hit = stoppers[b].push(decoders[b].push(tok))
-                    texts[b] += piece
-                    if hit:
-                        done[b], reason[b] = True, "stop"
-                if all(done):
-                    break
-        for b in range(n):
-            if reason[b] == "length":
-                texts[b] += stoppers[b].push(decoders[b].flush())[0] + stoppers[b].flush()
-        return [GenerationResult(texts[b], new[b], reason[b], len(prompts[b]), stats)
-                for b in range(n)]
+                tok = int(tokens[0])
+                piece, stopped = text.push(tok)
+                yield 0, tok, piece, "stop" if stopped else None
+                if stopped:
+                    return
+            yield 0, None, text.flush(), "length"
+            return
+        context = self.config.max_position_embeddings
+        check_prompts(prompts, context)
+        gen = BatchGenerator(self.model, self.tokenizer, len(prompts),
+                             min(context, max(len(p) for p in prompts) + max_new_tokens),
+                             exact=False)
+        for b, p in enumerate(prompts):
+            images = {}
+            if vision:
+                images = dict(inputs_embeds=vision["inputs_embeds"][b],
+                              image_groups=vision["image_groups"][b])
+            gen.admit(p, params, max_tokens=max_new_tokens, stop=stop, stop_ids=stop_ids, tag=b,
+                      **images)
+        t0 = time.perf_counter()
+        new_tokens = 0
+        while gen.prefilling:
+            for ev in gen.prefill_step():
+                new_tokens += ev.token is not None
+                yield ev.group.tag, ev.token, ev.text, ev.finish_reason
+        t1 = time.perf_counter()
+        while gen.running:
+            for ev in gen.decode():
+                new_tokens += ev.token is not None
+                yield ev.group.tag, ev.token, ev.text, ev.finish_reason
+        if stats is not None:
+            t2 = time.perf_counter()
+            first = min(new_tokens, len(prompts))  # sampled from the prefill's logits
+            stats.update(prompt_tokens=sum(len(p) for p in prompts), prefill_s=t1 - t0,
+                         decode_s=t2 - t1, new_tokens=new_tokens,
+                         decode_tok_s=(new_tokens - first) / (t2 - t1) if new_tokens > first else 0.0)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, *, temperature: float = 1.0,
                top_k: int = 64, top_p: float = 0.95, seed: int | None = None,
@@ -244,24 +285,15 @@ class LM:
         """Yield text as it is generated; pieces never split a UTF-8 character or a stop string.
         `images`, `pan_and_scan` and `lookup` as in `generate`."""
         params = self._params(temperature, top_k, top_p, seed)
-        decoder, stopper = self.tokenizer.stream_decoder(), StopStrings(stop)
-        stop_ids = tuple(self.tokenizer.stop_ids)
         prompts, vision = self._with_images([prompt], self._images_per_prompt(images, 1, False),
                                             pan_and_scan)
-        for tokens, _ in generate_steps(self.model, prompts, max_new_tokens, params,
-                                        stop_ids, self.config.pad_token_id, stats=stats,
-                                        lookup=lookup, **vision):
-            tok = int(tokens[0])
-            if tok in stop_ids:
-                return
-            piece, hit = stopper.push(decoder.push(tok))
+        if max_new_tokens <= 0:
+            check_prompts(prompts, self.config.max_position_embeddings)
+            return
+        for _, _, piece, _ in self._events(prompts, vision, max_new_tokens, params, stop,
+                                           tuple(self.tokenizer.stop_ids), stats, lookup):
             if piece:
                 yield piece
-            if hit:
-                return
-        tail = stopper.push(decoder.flush())[0] + stopper.flush()
-        if tail:
-            yield tail
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, images: Images = None,
              **kwargs) -> GenerationResult:

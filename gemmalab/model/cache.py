@@ -11,6 +11,13 @@ position -1); rows then advance together, or each on its own (continuous batchin
 freed and refilled while the others decode). The ring holds R = W + headroom slots: with headroom >= k,
 k tokens written speculatively and rolled back (`truncate`) never overwrote a key that a later
 query still needs. Buffers are preallocated and written in place (static shapes).
+
+The cache owns its writes, as gpt-fast's `KVCache.update` and mlx-lm's `update_and_fetch` / `trim`
+do: `append` (one token per entry, rows at their own columns) and `append_block` (a chunk of columns
+in every row) record positions and lengths and say which slots the keys go to; `LayerCache.update_one`
+/ `update_block` write one layer's K/V and return what attention reads; `truncate`, `reset` and
+`copy_row` are the rest of the bookkeeping (speculative rollback, a freed row, n samples of one
+prompt). Both the module path (`Gemma3._prepare_cache`) and the fused quantized decoder call them.
 """
 from __future__ import annotations
 
@@ -40,6 +47,34 @@ class LayerCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def update_one(self, rows: torch.Tensor, full_slot: torch.Tensor, ring_slot: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor, n_full: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token per entry (k, v: (M, Hkv, 1, D)) at the slots `KVCache.append` gave;
+        return the keys and values to attend over: the whole ring, or global columns [0, n_full)."""
+        slot = ring_slot if self.ring else full_slot
+        self.k[rows, :, slot] = k[:, :, 0]
+        self.v[rows, :, slot] = v[:, :, 0]
+        if self.ring:
+            return self.k, self.v
+        return self.k[:, :, :n_full], self.v[:, :, :n_full]
+
+    def update_block(self, s0: int, s1: int, ring_slots: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write columns [s0, s1) of every row (k, v: (B, Hkv, T, D)) at the slots
+        `KVCache.append_block` gave. Global layers attend over [0, s1); local layers over the ring
+        as it was before the write, then the block (so no key the block needs is overwritten),
+        after which the block's last len(ring_slots) keys go into the ring."""
+        if not self.ring:
+            self.k[:, :, s0:s1] = k
+            self.v[:, :, s0:s1] = v
+            return self.k[:, :, :s1], self.v[:, :, :s1]
+        T, keep = k.shape[2], ring_slots.shape[0]
+        k_all = torch.cat([self.k, k], dim=2)
+        v_all = torch.cat([self.v, v], dim=2)
+        self.k.index_copy_(2, ring_slots, k[:, :, T - keep:])
+        self.v.index_copy_(2, ring_slots, v[:, :, T - keep:])
+        return k_all, v_all
 
 
 class KVCache:
@@ -93,12 +128,93 @@ class KVCache:
             lengths=self.lengths[start:stop])
         return KVCache(self.config, stop - start, self.max_len, _views=views)
 
-    def reset(self, rows: slice | None = None) -> None:
-        """Empty all rows, or the rows of a slice (a finished sequence's slot, reused)."""
+    def append(self, rows: torch.Tensor | None, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record one token per entry: entry i goes to the next column of row rows[i] (rows None:
+        entry i -> row i, every row). Entries of the same row take consecutive columns, in order
+        (speculative verification). Returns (full_slot, ring_slot) (M,): where each entry's K/V goes
+        in global and in local layers (`LayerCache.update_one`). Advances `lengths`."""
+        M = positions.shape[0]
+        if rows is None:
+            rows_cpu = torch.arange(M)
+            offset = None
+        else:
+            rows_cpu = rows.long().cpu()
+            offset = self._offsets(rows_cpu)
+        cols = self.lengths[rows_cpu] if offset is None else self.lengths[rows_cpu] + offset
+        if bool((cols >= self.max_len).any()):
+            raise ValueError(f"the cache holds {self.max_len} positions; a row is full")
+        device = self.full_pos.device
+        index = rows_cpu.to(device)
+        full_slot = cols.to(device)
+        ring_slot = full_slot % self.ring_slots
+        self.full_pos[index, full_slot] = positions
+        self.ring_pos[index, ring_slot] = positions
+        if rows is None:
+            self.lengths += 1
+        else:
+            self.lengths.index_add_(0, rows_cpu, torch.ones(M, dtype=torch.long))
+        return full_slot, ring_slot
+
+    def _offsets(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """For each entry, the number of earlier entries of the same row (None when rows are
+        distinct); several tokens of one row need ring headroom (see RING_HEADROOM)."""
+        M = rows.shape[0]
+        if M < 2 or len(set(rows.tolist())) == M:
+            return None
+        offset = torch.zeros(M, dtype=torch.long)
+        seen: dict[int, int] = {}
+        for i, r in enumerate(rows.tolist()):
+            offset[i] = seen.get(r, 0)
+            seen[r] = offset[i].item() + 1
+        need = self.config.sliding_window + int(offset.max())
+        if self.ring_slots < min(need, self.max_len):
+            raise ValueError("several tokens of one row need ring headroom: build the cache with "
+                             "model.make_cache(..., ring_headroom=tokens_per_row - 1)")
+        return offset
+
+    def append_block(self, positions: torch.Tensor
+                     ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """Record a block of T columns in every row (positions (B, T); the rows have equal lengths).
+
+        Returns (s0, s1, ring_slots, ring_keys): the block is global columns [s0, s1); its last
+        min(T, R) tokens go to ring slots `ring_slots`; ring_keys (B, R + T) are the positions local
+        layers attend over (the ring before this write, then the block). Advances `lengths`."""
+        T = positions.shape[1]
+        s0 = self.step
+        s1 = s0 + T
+        if s1 > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; cannot append {T} tokens "
+                             f"after {s0}")
+        self.full_pos[:, s0:s1] = positions
+        R = self.ring_slots
+        keep = min(T, R)
+        ring_slots = torch.arange(s1 - keep, s1, device=positions.device) % R
+        ring_keys = torch.cat([self.ring_pos, positions], 1)
+        self.ring_pos[:, ring_slots] = positions[:, T - keep:]
+        self.lengths += T
+        return s0, s1, ring_slots, ring_keys
+
+    def reset(self, rows: slice | int | list[int] | None = None) -> None:
+        """Empty all rows, or some (a slice, a row, a list of rows: a finished sequence's slot, reused)."""
         rows = slice(None) if rows is None else rows
-        self.full_pos[rows] = -1
-        self.ring_pos[rows] = -1
-        self.lengths[rows] = 0
+        if isinstance(rows, (list, tuple)):
+            rows = torch.tensor(rows, dtype=torch.long)
+        self.full_pos[rows.to(self.full_pos.device) if torch.is_tensor(rows) else rows] = -1
+        self.ring_pos[rows.to(self.ring_pos.device) if torch.is_tensor(rows) else rows] = -1
+        self.lengths[rows.cpu() if torch.is_tensor(rows) else rows] = 0
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src`: K/V of every layer, positions and length (n samples
+        of one prompt share its prefill)."""
+        if src == dst:
+            return
+        for layer in self.layers:
+            layer.k[dst].copy_(layer.k[src])
+            layer.v[dst].copy_(layer.v[src])
+        self.full_pos[dst].copy_(self.full_pos[src])
+        self.ring_pos[dst].copy_(self.ring_pos[src])
+        self.lengths[dst] = self.lengths[src]
 
     def truncate(self, row: int, length: int) -> None:
         """Forget the columns of `row` from `length` on (speculative tokens that were rejected)."""
@@ -107,7 +223,7 @@ class KVCache:
             raise ValueError(f"cannot truncate row {row} of length {old} to {length}")
         if length == old:
             return
-        dropped = self.full_pos[row, length:old]
+        dropped = self.full_pos[row, length:old].clone()  # a copy: the next line clears the view
         self.full_pos[row, length:old] = -1
         ring = self.ring_pos[row]
         stale = torch.isin(ring, dropped[dropped >= 0])

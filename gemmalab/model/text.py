@@ -290,56 +290,27 @@ class Gemma3(nn.Module):
         B, T = positions.shape
         W, R = self.config.sliding_window, cache.ring_slots
         if T == 1:
-            cols = cache.lengths.to(positions.device, copy=True)  # (B,) each row's next column
-            if bool((cols >= cache.max_len).any()):
-                raise ValueError(f"the cache holds {cache.max_len} positions; a row is full")
-            rows = torch.arange(B, device=positions.device)
-            ring = cols % R
-            cache.full_pos[rows, cols] = positions[:, 0]
-            cache.ring_pos[rows, ring] = positions[:, 0]
-            s1 = int(cols.max()) + 1
+            full_slot, ring_slot = cache.append(None, positions[:, 0])  # each row's next column
+            rows = torch.arange(B, device=full_slot.device)
+            s1 = int(full_slot.max()) + 1
             mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None)
             mask_local = visibility_mask(positions, cache.ring_pos, W)
-            cache.lengths += 1
 
             def write_one(layer_cache, k, v):  # k, v: (B, Hkv, 1, D)
-                slot = ring if layer_cache.ring else cols
-                layer_cache.k[rows, :, slot] = k[:, :, 0]
-                layer_cache.v[rows, :, slot] = v[:, :, 0]
-                if layer_cache.ring:
-                    return layer_cache.k, layer_cache.v
-                return layer_cache.k[:, :, :s1], layer_cache.v[:, :, :s1]
+                return layer_cache.update_one(rows, full_slot, ring_slot, k, v, s1)
 
             return mask_global, mask_local, write_one
 
-        s0 = cache.step
-        s1 = s0 + T
-        if s1 > cache.max_len:
-            raise ValueError(f"the cache holds {cache.max_len} positions; cannot append {T} tokens "
-                             f"after {s0}")
-        cache.full_pos[:, s0:s1] = positions
+        s0, s1, ring_slots, ring_keys = cache.append_block(positions)
         groups_global = groups_local = None
         if image_groups is not None and T > 1:
             groups_global = (image_groups, F.pad(image_groups, (s0, 0), value=-1))
             groups_local = (image_groups, F.pad(image_groups, (R, 0), value=-1))
         mask_global = visibility_mask(positions, cache.full_pos[:, :s1], None,
                                       image_groups=groups_global)
-        keep = min(T, R)
-        ring_slots = torch.arange(s1 - keep, s1, device=positions.device) % R
-        mask_local = visibility_mask(positions, torch.cat([cache.ring_pos, positions], 1), W,
-                                     image_groups=groups_local)
-        cache.ring_pos[:, ring_slots] = positions[:, T - keep:]
-        cache.lengths += T
+        mask_local = visibility_mask(positions, ring_keys, W, image_groups=groups_local)
 
         def write(layer_cache, k, v):
-            if not layer_cache.ring:
-                layer_cache.k[:, :, s0:s1] = k
-                layer_cache.v[:, :, s0:s1] = v
-                return layer_cache.k[:, :, :s1], layer_cache.v[:, :, :s1]
-            k_all = torch.cat([layer_cache.k, k], dim=2)
-            v_all = torch.cat([layer_cache.v, v], dim=2)
-            layer_cache.k.index_copy_(2, ring_slots, k[:, :, T - keep:])
-            layer_cache.v.index_copy_(2, ring_slots, v[:, :, T - keep:])
-            return k_all, v_all
+            return layer_cache.update_block(s0, s1, ring_slots, k, v)
 
         return mask_global, mask_local, write

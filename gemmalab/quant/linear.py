@@ -202,24 +202,11 @@ class FusedDecoder:
         M = tokens.shape[0]
         rows = torch.arange(M) if rows is None else rows.long().cpu()
         positions = positions.long()
-        offset = torch.zeros(M, dtype=torch.long)  # earlier tokens of the same row in this call
-        if M > 1 and len(set(rows.tolist())) < M:
-            seen: dict[int, int] = {}
-            for i, r in enumerate(rows.tolist()):
-                offset[i] = seen.get(r, 0)
-                seen[r] = offset[i].item() + 1
-        if int(offset.max()) > 0 and cache.ring_slots < min(c.sliding_window + int(offset.max()),
-                                                            cache.max_len):
-            raise ValueError("several tokens of one row need ring headroom: build the cache with "
-                             "model.make_cache(..., ring_headroom=tokens_per_row - 1)")
-        cols = cache.lengths[rows] + offset  # the column each token writes
-        if bool((cols >= cache.max_len).any()):
-            raise ValueError(f"the cache holds {cache.max_len} positions; a row is full")
+        # the cache records the positions and says where each token's K/V go (consecutive
+        # columns for several tokens of one row)
+        full_slot, ring_slot = cache.append(rows, positions)
         R = cache.ring_slots
-        full_slot, ring_slot = cols, cols % R
-        cache.full_pos[rows, full_slot] = positions
-        cache.ring_pos[rows, ring_slot] = positions
-        n_full = int(cols.max()) + 1
+        n_full = int(full_slot.max()) + 1
         x = self.model.embed(tokens)  # (M, d)
         for (norms, weights, qtypes, is_global, dims, fparams), lc in zip(self.layers, cache.layers):
             if is_global:
@@ -228,6 +215,5 @@ class FusedDecoder:
             else:
                 x = ops.decode_layer(x, norms, weights, qtypes, lc.k, lc.v, cache.ring_pos, rows,
                                      ring_slot, positions, self.inv_freq[False], R, dims, fparams)
-        cache.lengths.index_add_(0, rows, torch.ones(M, dtype=torch.long))
         h = ops.rmsnorm(x, self.final_norm, c.rms_norm_eps)
         return self.model.lm_head(h)

@@ -1,13 +1,14 @@
-"""Continuous batching: one decode batch shared by every running request.
+"""The server's engine: a queue and one thread in front of the generation core.
 
-A single engine thread owns the model and a KV cache of `max_batch` rows. Requests wait in a queue;
-between decode steps the engine admits waiting requests into free rows (their prompts are prefilled
-one chunk per step, so a long prompt does not stall the others for long), runs one decode step for
-every running sequence (`model.decode_step` with each row at its own position), samples each
-sequence with its own settings, and hands the new text to the request's callback. A finished,
-failed or cancelled sequence frees its row at once, for the next waiting request.
+A single engine thread owns the model through a `generate.BatchGenerator` (a KV cache of `max_batch`
+rows; continuous batching, n samples per prompt from one prefill, per-row seeds, log-probs, stops).
+Requests wait in a queue; between steps the engine admits waiting requests into free rows, cancels
+what the HTTP side gave up on, and runs one core step (one prefill chunk, so a long prompt does not
+stall the others for long, and one decode step for every running sequence), turning the core's
+events into each request's `Event` callbacks. A finished, failed or cancelled sequence frees its row
+at once, for the next waiting request.
 
-Each row computes exactly what it would compute alone (see `Gemma3.decode_step`), so a greedy request
+Each row computes exactly what it would compute alone (see generate/batch.py), so a greedy request
 gives the same tokens as `gemmalab generate`, whatever else is running.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generate import SamplingParams, StopStrings, sample
+from ..generate import BatchGenerator, SamplingParams, SequenceEvent
 
 log = logging.getLogger("gemmalab.serve")
 
@@ -59,22 +60,6 @@ class Request:
         self.cancelled.set()
 
 
-class _Sequence:
-    """One choice of one request, decoding in one cache row."""
-
-    def __init__(self, req: Request, index: int, row: int, tokenizer, seed_offset: int):
-        self.req, self.index, self.row = req, index, row
-        self.pos = len(req.prompt_ids)
-        self.generated = 0
-        self.decoder = tokenizer.stream_decoder()
-        self.stopper = StopStrings(req.stop or ())
-        self.generator = None
-        if req.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(req.params.seed + seed_offset)
-        self.last: int | None = None  # the sampled token not yet in the cache
-        self.done = False
-
-
 class Engine:
     """Owns the model; `submit` requests from any thread; `close` stops the loop."""
 
@@ -85,16 +70,13 @@ class Engine:
         self.max_context = min(max_context or lm.config.max_position_embeddings,
                                lm.config.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
-        self.cache = self.model.make_cache(max_batch, self.max_context)
-        self.free_rows = list(range(max_batch))
+        self.core = BatchGenerator(self.model, self.tokenizer, max_batch, self.max_context,
+                                   prefill_chunk, catch_errors=True)
+        self.cache = self.core.cache
         self.queue: queue.Queue[Request] = queue.Queue()
-        self.running: list[_Sequence] = []
-        # (request, its n rows (reserved at admission, so a later request cannot take them), tokens done)
-        self.prefilling: list[tuple[Request, list[int], int]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ids = itertools.count()
-        self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="gemmalab-engine", daemon=True)
         self.thread.start()
 
@@ -123,30 +105,40 @@ class Engine:
         self.thread.join(timeout)
 
     @property
+    def running(self) -> list:
+        return self.core.running
+
+    @property
+    def prefilling(self) -> list:
+        return self.core.prefilling
+
+    @property
+    def free_rows(self) -> list[int]:
+        return self.core.free_rows
+
+    @property
+    def steps(self) -> int:
+        return self.core.steps
+
+    @property
     def load(self) -> dict:
-        return {"running": len(self.running), "prefilling": len(self.prefilling),
-                "waiting": self.queue.qsize(), "free_rows": len(self.free_rows)}
+        return {"running": len(self.core.running), "prefilling": len(self.core.prefilling),
+                "waiting": self.queue.qsize(), "free_rows": len(self.core.free_rows)}
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                busy = self._admit() | self._prefill_one_chunk() | self._decode()
+                busy = self._admit() | self._step()
             except Exception as e:  # never let one bad step kill the server: fail what runs
                 log.exception("engine step failed")
-                for seq in list(self.running):
-                    self._finish(seq, "error", str(e))
-                for req, rows, _ in list(self.prefilling):
-                    self._fail_prefill(req, rows, str(e))
+                self._dispatch(self.core.abort("error", str(e)))
                 busy = True
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        for seq in list(self.running):
-            self._finish(seq, "cancelled", "the server is shutting down")
-        for req, rows, _ in list(self.prefilling):
-            self._fail_prefill(req, rows, "the server is shutting down")
+        self._dispatch(self.core.abort("cancelled", "the server is shutting down"))
         while not self.queue.empty():
             req = self.queue.get_nowait()
             for i in range(req.n):
@@ -154,134 +146,52 @@ class Engine:
 
     def _admit(self) -> bool:
         admitted = False
-        while self.free_rows and not self.queue.empty():
+        while self.core.free_rows and not self.queue.empty():
             req = self.queue.queue[0]
             if req.cancelled.is_set():
                 self.queue.get_nowait()
                 continue
-            if len(self.free_rows) < req.n:
+            if not self.core.can_admit(req.n):
                 break
             self.queue.get_nowait()
-            rows = [self.free_rows.pop(0) for _ in range(req.n)]
-            self.cache.reset(slice(rows[0], rows[0] + 1))
-            self.prefilling.append((req, rows, 0))
+            try:
+                self.core.admit(req.prompt_ids, req.params, n=req.n, max_tokens=req.max_tokens,
+                                stop=req.stop or (), stop_ids=req.stop_ids, logprobs=req.logprobs,
+                                tag=req)
+            except Exception as e:  # this request fails; the others go on
+                log.exception("admission failed")
+                for i in range(req.n):
+                    req.on_event(Event(i, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                continue
             admitted = True
         return admitted
 
-    def _prefill_one_chunk(self) -> bool:
-        if not self.prefilling:
+    def _step(self) -> bool:
+        groups = {id(g): g for g in self.core.prefilling}
+        groups.update((id(s.group), s.group) for s in self.core.running)
+        for group in groups.values():
+            if group.tag.cancelled.is_set():
+                self._dispatch(self.core.cancel(group))
+        if self.core.idle:
             return False
-        req, rows, done = self.prefilling[0]
-        row = rows[0]
-        if req.cancelled.is_set():
-            self.prefilling.pop(0)
-            self.free_rows.extend(rows)
-            return True
-        try:
-            ids = req.prompt_ids[done:done + self.prefill_chunk]
-            view = self.cache.rows(row, row + 1)
-            with torch.inference_mode():
-                logits = self.model(torch.tensor([ids]), torch.arange(done, done + len(ids))[None], view,
-                                    last_only=True)[:, -1]
-            done += len(ids)
-            if done < len(req.prompt_ids):
-                self.prefilling[0] = (req, rows, done)
-                return True
-            for r in rows[1:]:  # n > 1: the other choices start from a copy of the prompt's cache
-                self._copy_row(row, r)
-            seqs = [_Sequence(req, i, r, self.tokenizer, seed_offset=i) for i, r in enumerate(rows)]
-        except Exception as e:  # this request fails; the others go on
-            log.exception("prefill failed")
-            self._fail_prefill(req, rows, f"{type(e).__name__}: {e}")
-            return True
-        self.prefilling.pop(0)
-        self.running.extend(seqs)
-        for seq in seqs:
-            self._emit(seq, logits[0])
+        self._dispatch(self.core.step())
         return True
 
-    def _copy_row(self, src: int, dst: int) -> None:
-        c = self.cache
-        for layer in c.layers:
-            layer.k[dst].copy_(layer.k[src])
-            layer.v[dst].copy_(layer.v[src])
-        c.full_pos[dst].copy_(c.full_pos[src])
-        c.ring_pos[dst].copy_(c.ring_pos[src])
-        c.lengths[dst] = c.lengths[src]
-
-    def _decode(self) -> bool:
-        for seq in [s for s in self.running if s.req.cancelled.is_set()]:
-            self._finish(seq, "cancelled", None)
-        if not self.running:
-            return False
-        seqs = list(self.running)
-        tokens = torch.tensor([s.last for s in seqs])
-        positions = torch.tensor([s.pos for s in seqs])
-        rows = torch.tensor([s.row for s in seqs])
-        with torch.inference_mode():
-            logits = self.model.decode_step(tokens, positions, self.cache, rows=rows)
-        self.steps += 1
-        for seq in seqs:
-            seq.pos += 1
-        for i, seq in enumerate(seqs):
-            self._emit(seq, logits[i])
-        return True
-
-    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """`_sample_and_report`, failing only this sequence when it raises (its own sampling
-        settings, say): the others in the decode batch go on."""
-        try:
-            self._sample_and_report(seq, logits)
-        except Exception as e:
-            log.exception("sampling failed")
-            self._finish(seq, "error", f"{type(e).__name__}: {e}")
-
-    def _sample_and_report(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token of `seq` from its logits and report it (or the end)."""
-        req = seq.req
-        token = int(sample(logits[None], req.params, seq.generator)[0])
-        lp = None
-        if req.logprobs is not None:
-            logp = torch.log_softmax(logits.float(), -1)
-            top = torch.topk(logp, req.logprobs) if req.logprobs else None
-            lp = [{"id": token, "logprob": float(logp[token]),
-                   "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}]
-        if req.first_token is None:
-            req.first_token = time.perf_counter()
-        seq.generated += 1
-        req.completion_tokens += 1
-        if token in req.stop_ids:
-            req.on_event(Event(seq.index, "", [token], lp))
-            self._finish(seq, "stop", None)
-            return
-        piece, hit = seq.stopper.push(seq.decoder.push(token))
-        if piece or lp:
-            req.on_event(Event(seq.index, piece, [token], lp))
-        if hit:
-            self._finish(seq, "stop", None)
-        elif seq.generated >= req.max_tokens or seq.pos + 1 >= self.max_context:
-            tail = seq.stopper.push(seq.decoder.flush())[0] + seq.stopper.flush()
-            if tail:
-                req.on_event(Event(seq.index, tail))
-            self._finish(seq, "length", None)
-        else:
-            seq.last = token
-
-    def _finish(self, seq: _Sequence, reason: str, error: str | None) -> None:
-        if seq.done:
-            return
-        seq.done = True
-        self.running.remove(seq)
-        self.free_rows.append(seq.row)
-        req = seq.req
-        req._open -= 1
-        req.on_event(Event(seq.index, finish_reason=reason, error=error))
-
-    def _fail_prefill(self, req: Request, rows: list[int], error: str) -> None:
-        self.prefilling = [p for p in self.prefilling if p[0] is not req]
-        self.free_rows.extend(r for r in rows if r not in self.free_rows)
-        for i in range(req.n):
-            req.on_event(Event(i, finish_reason="error", error=error))
+    def _dispatch(self, events: list[SequenceEvent]) -> None:
+        """The core's events as the requests' callbacks."""
+        for ev in events:
+            req: Request = ev.group.tag
+            if ev.token is not None:
+                if req.first_token is None:
+                    req.first_token = time.perf_counter()
+                req.completion_tokens += 1
+                lp = None if ev.model_logprobs is None else [ev.model_logprobs]
+                req.on_event(Event(ev.index, ev.text, [ev.token], lp))
+            if ev.finish_reason is not None:
+                if ev.text:
+                    req.on_event(Event(ev.index, ev.text))
+                req._open -= 1
+                req.on_event(Event(ev.index, finish_reason=ev.finish_reason, error=ev.error))
 
 
 class QueueFull(RuntimeError):
