@@ -12,12 +12,13 @@ attention and softmax stay in fp32.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Gemma3Config
 from ..model import Gemma3
 from .linear import (KERNEL_TYPES, Q5_0, Q8_0, FusedDecoder, QuantEmbedding, QuantLinear,
-                     prepare_blocks, quantize_q8_0)
+                     _rope_inv_freq, prepare_blocks, quantize_q8_0)
 
 MODES = ("fp32", "native", "q8")
 QUANTIZED_MODES = ("native", "q8")
@@ -33,10 +34,210 @@ class QuantGemma3(Gemma3):
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per entry (several consecutive ones may share a row: speculative
+        verification); next-token logits (M, V). Three paths, one contract:
+        - plain quantized projections (or adapters switched off): the fused C++ block;
+        - LoRA adapters over the quantized projections (train.lora): `_adapter_decode`, the
+          same kernels op by op with the fp32 side paths added after each projection;
+        - anything else in place of a projection: the module path (`_module_decode`).
+        """
+        layers = _adapter_plan(self)
+        if layers is None:
+            return self._fused_decoder()(tokens, positions, cache, rows)
+        if layers == "modules":
+            return _module_decode(self, tokens, positions, cache, rows)
+        with torch.inference_mode():
+            return _adapter_decode(self, layers, tokens, positions, cache, rows)
+
+    def _fused_decoder(self) -> FusedDecoder:
         fused = self.__dict__.get("_fused")
         if fused is None:
-            fused = self.__dict__["_fused"] = FusedDecoder(self)
-        return fused(tokens, positions, cache, rows)
+            # FusedDecoder keeps each projection's blocks; adapters wrap the same QuantLinear
+            with _bases_only(self):
+                fused = self.__dict__["_fused"] = FusedDecoder(self)
+        return fused
+
+
+# ---- decoding with adapters ---------------------------------------------------------------------
+# A wrapper (train.lora.LoRALinear) is recognised by duck typing, so that quant/ does not import
+# train/: it holds the QuantLinear as `.base` and says what this call adds with `.delta_terms()`:
+# None (nothing: the base alone), ("factors", A, B, scale) or ("dense", D).
+
+def _projections(layer) -> list[nn.Module]:
+    a, m = layer.self_attn, layer.mlp
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+
+
+def _adapter_plan(model):
+    """None: the fused block applies (no projection adds anything); "modules": some projection is
+    neither a QuantLinear nor an adapter over one; else per layer [(QuantLinear, terms)] * 7."""
+    if not isinstance(model.embed_tokens, QuantEmbedding):
+        return "modules"
+    plan, any_delta = [], False
+    for layer in model.layers:
+        row = []
+        for lin in _projections(layer):
+            if isinstance(lin, QuantLinear):
+                row.append((lin, None))
+                continue
+            base = getattr(lin, "base", None)
+            if not isinstance(base, QuantLinear) or not hasattr(lin, "delta_terms"):
+                return "modules"
+            terms = lin.delta_terms()
+            any_delta |= terms is not None
+            row.append((base, terms))
+        plan.append(row)
+    return plan if any_delta else None
+
+
+class _bases_only:
+    """Within the block, every adapter in a projection's place is replaced by its base."""
+
+    def __init__(self, model):
+        self.swaps = []
+        for layer in model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in parent.named_children():
+                    if isinstance(getattr(child, "base", None), QuantLinear):
+                        self.swaps.append((parent, name, child))
+
+    def __enter__(self):
+        for parent, name, child in self.swaps:
+            parent._modules[name] = child.base
+
+    def __exit__(self, *exc):
+        for parent, name, child in self.swaps:
+            parent._modules[name] = child
+
+
+# fp32 side paths run on blocks of this many rows (zero-padded), whatever the batch: BLAS picks its
+# kernel by shape, so a row then gets the same bits alone or in a batch (measured; tests/test_roles).
+_SIDE_ROWS = 8
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    M = x.shape[0]
+    n = -(-M // _SIDE_ROWS) * _SIDE_ROWS
+    return x if n == M else torch.cat([x, x.new_zeros(n - M, x.shape[1])])
+
+
+def _side(y: torch.Tensor, xp: torch.Tensor, terms) -> torch.Tensor:
+    """y + the side path of `terms` for the (padded) inputs xp, in blocks of _SIDE_ROWS rows.
+
+    On one thread: these products are far too small to gain from a second one, and torch's
+    OpenMP team waits at every barrier for a thread the OS has descheduled while other processes
+    hold the cores (measured at load 3.5 on 2 cores: a (32, 640) x (640, 16) x (16, 2048) product
+    took 15 ms on 2 threads, 33 us on one). The C++ kernels avoid that with their own pool
+    (csrc/pool.h). Only the side path: switching the team's size around every kernel call costs
+    far more (the team is rebuilt)."""
+    if terms is None:
+        return y
+    out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(0, xp.shape[0], _SIDE_ROWS):
+            xi = xp[i:i + _SIDE_ROWS]
+            if terms[0] == "dense":
+                out.append(xi @ terms[1].t())
+            else:
+                _, a, b, scale = terms
+                out.append((xi @ a.t() @ b.t()) * scale)
+    finally:
+        torch.set_num_threads(threads)
+    return y + torch.cat(out)[:y.shape[0]]
+
+
+def _rope_rows(model, is_global: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (P, D/2) of positions [0, P), P >= n a power of two: looked up by position, so a
+    row's rotation does not depend on the batch (an elementwise cos of a batch-sized tensor would
+    send some entries through the scalar tail of the vectorised loop)."""
+    tables = model.__dict__.setdefault("_rope_rows", {})
+    t = tables.get(is_global)
+    if t is None or t[0].shape[0] < n:
+        c = model.config
+        inv_freq = (_rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor) if is_global else
+                    _rope_inv_freq(c.head_dim, c.rope_local_base_freq, c.rope_local_scaling_factor))
+        P = max(64, 1 << (n - 1).bit_length())
+        angles = torch.arange(P, dtype=torch.int64).float()[:, None] * inv_freq  # as the C++ block
+        t = tables[is_global] = (angles.cos(), angles.sin())
+    return t
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _adapter_decode(model, plan, tokens, positions, cache, rows):
+    """FusedDecoder's step op by op (the same integer projections, norms and C++ attention over
+    the cache), each projection followed by its adapter's fp32 side path. Rows are independent:
+    every op is row-wise, the side paths run on fixed-size row blocks."""
+    from .kernels import ops as _ops
+    ops = _ops()
+    c = model.config
+    eps, H, Hkv, D = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    M = tokens.shape[0]
+    positions = positions.long()
+    rows_cpu = torch.arange(M) if rows is None else rows.long().cpu()
+    full_slot, ring_slot = cache.append(rows, positions)
+    n_full, R = int(full_slot.max()) + 1, cache.ring_slots
+    index = rows_cpu.to(cache.full_pos.device)
+    rope = {}
+    for g in (True, False):
+        cos, sin = _rope_rows(model, g, int(positions.max()) + 1)
+        rope[g] = (cos[positions][:, None], sin[positions][:, None])  # (M, 1, D/2)
+    x = model.embed(tokens).float()  # (M, d)
+    for layer, lc, lins in zip(model.layers, cache.layers, plan):
+        a = layer.self_attn
+        (q_lin, dq), (k_lin, dk), (v_lin, dv), (o_lin, do), (g_lin, dg), (u_lin, du), (d_lin, dd) = lins
+        h = ops.rmsnorm(x, layer.input_layernorm.weight, eps)
+        hp = _padded(h)
+        q, k, v = ops.qlinear_multi(h, [q_lin.blocks, k_lin.blocks, v_lin.blocks],
+                                    [q_lin.qtype, k_lin.qtype, v_lin.qtype])
+        q = _side(q, hp, dq).view(M, H, D)
+        k = _side(k, hp, dk).view(M, Hkv, D)
+        v = _side(v, hp, dv).view(M, Hkv, D)
+        if hasattr(a, "q_norm"):
+            q = ops.rmsnorm(q.reshape(M * H, D), a.q_norm.weight, eps).view(M, H, D)
+            k = ops.rmsnorm(k.reshape(M * Hkv, D), a.k_norm.weight, eps).view(M, Hkv, D)
+        cos, sin = rope[a.is_global]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        slot = full_slot if a.is_global else ring_slot
+        lc.k[index, :, slot] = k.to(lc.k.dtype)
+        lc.v[index, :, slot] = v.to(lc.v.dtype)
+        att = ops.decode_attention(q, lc.k, lc.v, cache.full_pos if a.is_global else cache.ring_pos,
+                                   rows_cpu, positions, n_full if a.is_global else R,
+                                   0 if a.is_global else c.sliding_window, a.scaling, a.softcap or 0.0)
+        att = att.reshape(M, H * D)
+        o = _side(ops.qlinear(att, o_lin.blocks, o_lin.qtype), _padded(att), do)
+        x = x + ops.rmsnorm(o, layer.post_attention_layernorm.weight, eps)
+        h = ops.rmsnorm(x, layer.pre_feedforward_layernorm.weight, eps)
+        hp = _padded(h)
+        g, u = ops.qlinear_multi(h, [g_lin.blocks, u_lin.blocks], [g_lin.qtype, u_lin.qtype])
+        m = F.gelu(_side(g, hp, dg), approximate="tanh") * _side(u, hp, du)
+        y = _side(ops.qlinear(m, d_lin.blocks, d_lin.qtype), _padded(m), dd)
+        x = x + ops.rmsnorm(y, layer.post_feedforward_layernorm.weight, eps)
+    return model.lm_head(ops.rmsnorm(x, model.norm.weight, eps))
+
+
+def _module_decode(model, tokens, positions, cache, rows):
+    """The module path (forward with the cache, as prefill runs): all rows at once when each row
+    gets one token, else row by row, a row's consecutive tokens as one chunk."""
+    with torch.inference_mode():
+        if rows is None:
+            return model(tokens[:, None], positions[:, None], cache)[:, -1]
+        order = rows.long().cpu().tolist()
+        out, i = [], 0
+        while i < len(order):
+            j = i
+            while j < len(order) and order[j] == order[i]:
+                j += 1
+            r = order[i]
+            out.append(model(tokens[None, i:j], positions[None, i:j], cache.rows(r, r + 1))[0])
+            i = j
+        return torch.cat(out)
 
 
 def _to_blocks(name: str, mode: str, shape: tuple[int, int], blocks: dict, floats: dict
