@@ -160,6 +160,8 @@ class FusedDecoder:
 
     Bit-for-bit the same arithmetic as the modules (QuantLinear's integer path, RMSNorm with 1 + w,
     QK-norm, RoPE, attention over slots masked by position, GeGLU), without per-op dispatch.
+    With `adapters`, LoRA side paths scale * B (A x) in fp32 are added after the projections inside
+    the same call (ops.decode_layer's lora_a / lora_b / lora_scale).
     """
 
     def __init__(self, model):
@@ -193,10 +195,12 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+                 rows: torch.Tensor | None = None, adapters: list | None = None) -> torch.Tensor:
         """tokens, positions (M,): one token per entry; rows (M,): the cache row of each (default
-        0..M-1). Tokens of the same row are consecutive columns of that row, in order. Returns the
-        next-token logits (M, V)."""
+        0..M-1). Tokens of the same row are consecutive columns of that row, in order. adapters:
+        None, or per layer None or (As, Bs, scales), seven of each in the order q, k, v, o, gate,
+        up, down, an empty tensor where a projection adds nothing (the current tensors: read at
+        this call). Returns the next-token logits (M, V)."""
         ops = kernels.ops()
         c = self.config
         M = tokens.shape[0]
@@ -208,12 +212,17 @@ class FusedDecoder:
         R = cache.ring_slots
         n_full = int(full_slot.max()) + 1
         x = self.model.embed(tokens)  # (M, d)
-        for (norms, weights, qtypes, is_global, dims, fparams), lc in zip(self.layers, cache.layers):
+        adapters = adapters or [None] * len(self.layers)
+        for (norms, weights, qtypes, is_global, dims, fparams), lc, lora in zip(
+                self.layers, cache.layers, adapters):
+            la, lb, ls = lora or ([], [], [])
             if is_global:
                 x = ops.decode_layer(x, norms, weights, qtypes, lc.k, lc.v, cache.full_pos, rows,
-                                     full_slot, positions, self.inv_freq[True], n_full, dims, fparams)
+                                     full_slot, positions, self.inv_freq[True], n_full, dims, fparams,
+                                     la, lb, ls)
             else:
                 x = ops.decode_layer(x, norms, weights, qtypes, lc.k, lc.v, cache.ring_pos, rows,
-                                     ring_slot, positions, self.inv_freq[False], R, dims, fparams)
+                                     ring_slot, positions, self.inv_freq[False], R, dims, fparams,
+                                     la, lb, ls)
         h = ops.rmsnorm(x, self.final_norm, c.rms_norm_eps)
         return self.model.lm_head(h)

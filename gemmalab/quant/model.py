@@ -12,13 +12,12 @@ attention and softmax stay in fp32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Gemma3Config
 from ..model import Gemma3
 from .linear import (KERNEL_TYPES, Q5_0, Q8_0, FusedDecoder, QuantEmbedding, QuantLinear,
-                     _rope_inv_freq, prepare_blocks, quantize_q8_0)
+                     prepare_blocks, quantize_q8_0)
 
 MODES = ("fp32", "native", "q8")
 QUANTIZED_MODES = ("native", "q8")
@@ -37,8 +36,10 @@ class QuantGemma3(Gemma3):
         """One token per entry (several consecutive ones may share a row: speculative
         verification); next-token logits (M, V). Three paths, one contract:
         - plain quantized projections (or adapters switched off): the fused C++ block;
-        - LoRA adapters over the quantized projections (train.lora): `_adapter_decode`, the
-          same kernels op by op with the fp32 side paths added after each projection;
+        - LoRA factors over the quantized projections (train.lora: the policy's own adapter, or a
+          factor anchor): the fused C++ block with the fp32 side paths inside it;
+        - a dense delta (the exact EMA anchor of train.roles): `_adapter_decode`, the same kernels
+          op by op with the side paths added from Python after each projection;
         - anything else in place of a projection: the module path (`_module_decode`).
         """
         layers = _adapter_plan(self)
@@ -46,6 +47,9 @@ class QuantGemma3(Gemma3):
             return self._fused_decoder()(tokens, positions, cache, rows)
         if layers == "modules":
             return _module_decode(self, tokens, positions, cache, rows)
+        factors = _fused_factors(layers)
+        if factors is not None:
+            return self._fused_decoder()(tokens, positions, cache, rows, factors)
         with torch.inference_mode():
             return _adapter_decode(self, layers, tokens, positions, cache, rows)
 
@@ -62,10 +66,19 @@ class QuantGemma3(Gemma3):
 # A wrapper (train.lora.LoRALinear) is recognised by duck typing, so that quant/ does not import
 # train/: it holds the QuantLinear as `.base` and says what this call adds with `.delta_terms()`:
 # None (nothing: the base alone), ("factors", A, B, scale) or ("dense", D).
+# The plan is made at every step (an optimizer step or a role switch changes it between any two):
+# child modules are read from `_modules` directly, nn.Module.__getattr__ costs ~0.5 us a lookup and
+# a step makes ~250 of them.
+_NAMES = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+          ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
 
 def _projections(layer) -> list[nn.Module]:
-    a, m = layer.self_attn, layer.mlp
-    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+    out = []
+    for parent, names in _NAMES:
+        children = layer._modules[parent]._modules
+        out += [children[n] for n in names]
+    return out
 
 
 def _adapter_plan(model):
@@ -80,7 +93,7 @@ def _adapter_plan(model):
             if isinstance(lin, QuantLinear):
                 row.append((lin, None))
                 continue
-            base = getattr(lin, "base", None)
+            base = lin._modules.get("base")
             if not isinstance(base, QuantLinear) or not hasattr(lin, "delta_terms"):
                 return "modules"
             terms = lin.delta_terms()
@@ -88,6 +101,35 @@ def _adapter_plan(model):
             row.append((base, terms))
         plan.append(row)
     return plan if any_delta else None
+
+
+_NO_SIDE = torch.empty(0)
+
+
+def _fused_factors(plan) -> list | None:
+    """The plan as FusedDecoder's adapters (per layer None or (As, Bs, scales): the adapters' own
+    tensors, read by the C++ block in place, fp32 or converted there), or None when some
+    projection adds a dense delta."""
+    out = []
+    for row in plan:
+        if all(terms is None for _, terms in row):
+            out.append(None)
+            continue
+        As, Bs, scales = [], [], []
+        for _, terms in row:
+            if terms is None:
+                As.append(_NO_SIDE)
+                Bs.append(_NO_SIDE)
+                scales.append(0.0)
+            elif terms[0] == "factors":
+                _, a, b, scale = terms
+                As.append(a)
+                Bs.append(b)
+                scales.append(float(scale))
+            else:
+                return None
+        out.append((As, Bs, scales))
+    return out
 
 
 class _bases_only:
@@ -110,70 +152,47 @@ class _bases_only:
             parent._modules[name] = child
 
 
-# fp32 side paths run on blocks of this many rows (zero-padded), whatever the batch: BLAS picks its
+# Dense side paths run on blocks of this many rows (zero-padded), whatever the batch: BLAS picks its
 # kernel by shape, so a row then gets the same bits alone or in a batch (measured; tests/test_roles).
 _SIDE_ROWS = 8
 
 
-def _padded(x: torch.Tensor) -> torch.Tensor:
-    M = x.shape[0]
-    n = -(-M // _SIDE_ROWS) * _SIDE_ROWS
-    return x if n == M else torch.cat([x, x.new_zeros(n - M, x.shape[1])])
+def _side(y: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
+    """y + the side path of `terms` for the inputs x.
 
-
-def _side(y: torch.Tensor, xp: torch.Tensor, terms) -> torch.Tensor:
-    """y + the side path of `terms` for the (padded) inputs xp, in blocks of _SIDE_ROWS rows.
-
-    On one thread: these products are far too small to gain from a second one, and torch's
-    OpenMP team waits at every barrier for a thread the OS has descheduled while other processes
-    hold the cores (measured at load 3.5 on 2 cores: a (32, 640) x (640, 16) x (16, 2048) product
-    took 15 ms on 2 threads, 33 us on one). The C++ kernels avoid that with their own pool
-    (csrc/pool.h). Only the side path: switching the team's size around every kernel call costs
-    far more (the team is rebuilt)."""
+    Factors: ops.lora_add, the C++ side path of ops.decode_layer (so this step computes the fused
+    step's bits). A dense delta: torch, on zero-padded blocks of _SIDE_ROWS rows, on one thread:
+    these products are far too small to gain from a second one, and torch's OpenMP team waits at
+    every barrier for a thread the OS has descheduled while other processes hold the cores
+    (measured at load 3.5 on 2 cores: a (32, 640) x (640, 16) x (16, 2048) product took 15 ms on 2
+    threads, 33 us on one). The C++ kernels avoid that with their own pool (csrc/pool.h). Only the
+    side path: switching the team's size around every kernel call costs far more (the team is
+    rebuilt)."""
     if terms is None:
         return y
+    if terms[0] == "factors":
+        from .kernels import ops
+        _, a, b, scale = terms
+        return ops().lora_add(y, x, a, b, float(scale))
+    M = x.shape[0]
+    n = -(-M // _SIDE_ROWS) * _SIDE_ROWS
+    xp = x if n == M else torch.cat([x, x.new_zeros(n - M, x.shape[1])])
     out = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for i in range(0, xp.shape[0], _SIDE_ROWS):
-            xi = xp[i:i + _SIDE_ROWS]
-            if terms[0] == "dense":
-                out.append(xi @ terms[1].t())
-            else:
-                _, a, b, scale = terms
-                out.append((xi @ a.t() @ b.t()) * scale)
+        for i in range(0, n, _SIDE_ROWS):
+            out.append(xp[i:i + _SIDE_ROWS] @ terms[1].t())
     finally:
         torch.set_num_threads(threads)
-    return y + torch.cat(out)[:y.shape[0]]
-
-
-def _rope_rows(model, is_global: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (P, D/2) of positions [0, P), P >= n a power of two: looked up by position, so a
-    row's rotation does not depend on the batch (an elementwise cos of a batch-sized tensor would
-    send some entries through the scalar tail of the vectorised loop)."""
-    tables = model.__dict__.setdefault("_rope_rows", {})
-    t = tables.get(is_global)
-    if t is None or t[0].shape[0] < n:
-        c = model.config
-        inv_freq = (_rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor) if is_global else
-                    _rope_inv_freq(c.head_dim, c.rope_local_base_freq, c.rope_local_scaling_factor))
-        P = max(64, 1 << (n - 1).bit_length())
-        angles = torch.arange(P, dtype=torch.int64).float()[:, None] * inv_freq  # as the C++ block
-        t = tables[is_global] = (angles.cos(), angles.sin())
-    return t
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    return y + torch.cat(out)[:M]
 
 
 def _adapter_decode(model, plan, tokens, positions, cache, rows):
-    """FusedDecoder's step op by op (the same integer projections, norms and C++ attention over
-    the cache), each projection followed by its adapter's fp32 side path. Rows are independent:
-    every op is row-wise, the side paths run on fixed-size row blocks."""
+    """FusedDecoder's step op by op (the same integer projections, norms, RoPE, attention over the
+    cache and GeGLU as ops.decode_layer), each projection followed by its side path: with factors
+    only, the fused step's bits exactly (tests/test_lora_fused.py). Rows are independent: every op
+    is row-wise, dense side paths run on fixed-size row blocks."""
     from .kernels import ops as _ops
     ops = _ops()
     c = model.config
@@ -184,26 +203,22 @@ def _adapter_decode(model, plan, tokens, positions, cache, rows):
     full_slot, ring_slot = cache.append(rows, positions)
     n_full, R = int(full_slot.max()) + 1, cache.ring_slots
     index = rows_cpu.to(cache.full_pos.device)
-    rope = {}
-    for g in (True, False):
-        cos, sin = _rope_rows(model, g, int(positions.max()) + 1)
-        rope[g] = (cos[positions][:, None], sin[positions][:, None])  # (M, 1, D/2)
+    inv_freq = model._fused_decoder().inv_freq  # {is_global: (D/2,)}
     x = model.embed(tokens).float()  # (M, d)
     for layer, lc, lins in zip(model.layers, cache.layers, plan):
         a = layer.self_attn
         (q_lin, dq), (k_lin, dk), (v_lin, dv), (o_lin, do), (g_lin, dg), (u_lin, du), (d_lin, dd) = lins
         h = ops.rmsnorm(x, layer.input_layernorm.weight, eps)
-        hp = _padded(h)
         q, k, v = ops.qlinear_multi(h, [q_lin.blocks, k_lin.blocks, v_lin.blocks],
                                     [q_lin.qtype, k_lin.qtype, v_lin.qtype])
-        q = _side(q, hp, dq).view(M, H, D)
-        k = _side(k, hp, dk).view(M, Hkv, D)
-        v = _side(v, hp, dv).view(M, Hkv, D)
+        q = _side(q, h, dq).view(M, H, D)
+        k = _side(k, h, dk).view(M, Hkv, D)
+        v = _side(v, h, dv).view(M, Hkv, D)
         if hasattr(a, "q_norm"):
             q = ops.rmsnorm(q.reshape(M * H, D), a.q_norm.weight, eps).view(M, H, D)
             k = ops.rmsnorm(k.reshape(M * Hkv, D), a.k_norm.weight, eps).view(M, Hkv, D)
-        cos, sin = rope[a.is_global]
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q = ops.rope(q, positions, inv_freq[a.is_global])
+        k = ops.rope(k, positions, inv_freq[a.is_global])
         slot = full_slot if a.is_global else ring_slot
         lc.k[index, :, slot] = k.to(lc.k.dtype)
         lc.v[index, :, slot] = v.to(lc.v.dtype)
@@ -211,13 +226,12 @@ def _adapter_decode(model, plan, tokens, positions, cache, rows):
                                    rows_cpu, positions, n_full if a.is_global else R,
                                    0 if a.is_global else c.sliding_window, a.scaling, a.softcap or 0.0)
         att = att.reshape(M, H * D)
-        o = _side(ops.qlinear(att, o_lin.blocks, o_lin.qtype), _padded(att), do)
+        o = _side(ops.qlinear(att, o_lin.blocks, o_lin.qtype), att, do)
         x = x + ops.rmsnorm(o, layer.post_attention_layernorm.weight, eps)
         h = ops.rmsnorm(x, layer.pre_feedforward_layernorm.weight, eps)
-        hp = _padded(h)
         g, u = ops.qlinear_multi(h, [g_lin.blocks, u_lin.blocks], [g_lin.qtype, u_lin.qtype])
-        m = F.gelu(_side(g, hp, dg), approximate="tanh") * _side(u, hp, du)
-        y = _side(ops.qlinear(m, d_lin.blocks, d_lin.qtype), _padded(m), dd)
+        m = ops.gelu_mul(_side(g, h, dg), _side(u, h, du))
+        y = _side(ops.qlinear(m, d_lin.blocks, d_lin.qtype), m, dd)
         x = x + ops.rmsnorm(y, layer.post_feedforward_layernorm.weight, eps)
     return model.lm_head(ops.rmsnorm(x, model.norm.weight, eps))
 

@@ -5,7 +5,10 @@
 //   dequantize       weight rows -> fp32 (the embedding lookup, prefill, tests)
 //   rmsnorm          x * rsqrt(mean(x^2) + eps) * (1 + w)
 //   decode_attention one query per row against a KV cache whose slots carry absolute positions
-//   decode_layer     a whole Gemma 3 / Gemma 2 block for one new token per row, in one call
+//   decode_layer     a whole Gemma 3 / Gemma 2 block for one new token per row, in one call,
+//                    optionally with LoRA side paths (fp32) on its projections
+//   lora_add         y + scale * B (A x), the side path decode_layer adds
+//   rope, gelu_mul   decode_layer's RoPE and GeGLU on their own (the op-by-op adapter step)
 // All fp32, CPU, contiguous. Threads: ATen's intra-op pool (torch.set_num_threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,15 +59,92 @@ struct ActBuf {
   }
 };
 
-// One parallel region over the rows of every matrix.
-void gemv_multi(const std::vector<Mat>& mats, const Act& a, int64_t M) {
+// ---- LoRA side paths ---------------------------------------------------------------------------
+// y += scale * B (A x) in fp32 (Hu et al. 2021; the order of train.lora.LoRALinear: (B (A x)) *
+// scale, then added), A (r, K), B (N, r) row-major as the adapter holds them (read in place: the
+// optimizer updates them between calls). Every value is one fixed sequence of operations that
+// depends on r, K and the output index only, never on the batch, the chunking or the kernel variant
+// (plain AVX2 + FMA in both), so a row gets the same bits alone or in a batch.
+struct Side {
+  const float* a = nullptr;  // (r, K); nullptr: no side path
+  const float* b = nullptr;  // (N, r)
+  int64_t r = 0;
+  float scale = 0.f;
+  const float* t = nullptr;  // (M, r) = x A^T, filled by side_inputs
+};
+
+inline float dot(const float* a, const float* b, int64_t n);
+
+// t = x A^T (M rows of r values): one fixed-order dot product of length K each, K a multiple of 8.
+void side_inputs(const float* x, int64_t M, int64_t K, const std::vector<Side*>& sides, std::vector<float>* ts) {
+  std::vector<int64_t> start(sides.size() + 1, 0);
+  for (size_t i = 0; i < sides.size(); ++i) {
+    ts[i].resize(M * sides[i]->r);
+    sides[i]->t = ts[i].data();
+    start[i + 1] = start[i] + M * sides[i]->r;
+  }
+  auto run = [&](int64_t j0, int64_t j1) {
+    for (size_t i = 0; i < sides.size(); ++i) {
+      const int64_t lo = std::max(j0, start[i]), hi = std::min(j1, start[i + 1]), r = sides[i]->r;
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t m = (j - start[i]) / r, c = (j - start[i]) % r;
+        ts[i][j - start[i]] = dot(sides[i]->a + c * K, x + m * K, K);
+      }
+    }
+  };
+  // a team only when there is enough to share (r x K per dot: 16 x 640 = 10 kFLOP)
+  if (start.back() * K >= (int64_t(1) << 17)) pfor(0, start.back(), 4, run);
+  else run(0, start.back());
+}
+
+// out[m, n] += scale * (B t_m)[n] for n in [n0, n1), all M rows. Eight outputs at a time: each lane
+// holds B[n, :] t_m as 8 partial sums (masked loads past r), reduced by one hadd tree whose lane
+// formula is the same for all eight, so padding a short block changes nothing.
+void side_rows(const Side& sd, float* out, int64_t N, int64_t n0, int64_t n1, int64_t M) {
+  const int64_t r = sd.r;
+  const int64_t full = r / 8 * 8;
+  alignas(32) int32_t mk[8];
+  for (int i = 0; i < 8; ++i) mk[i] = i < r - full ? -1 : 0;
+  const __m256i mask = _mm256_load_si256((const __m256i*)mk);
+  const __m256 sc = _mm256_set1_ps(sd.scale);
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t nv = std::min<int64_t>(8, n1 - n);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* t = sd.t + m * r;
+      __m256 p[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        if (i >= nv) { p[i] = _mm256_setzero_ps(); continue; }
+        const float* b = sd.b + (n + i) * r;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < full; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), _mm256_loadu_ps(t + j), acc);
+        if (full < r) acc = _mm256_fmadd_ps(_mm256_maskload_ps(b + full, mask), _mm256_maskload_ps(t + full, mask), acc);
+        p[i] = acc;
+      }
+      const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+      const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
+      const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+      alignas(32) float v[8];
+      _mm256_store_ps(v, _mm256_mul_ps(s, sc));
+      float* y = out + m * N + n;
+      for (int64_t i = 0; i < nv; ++i) y[i] += v[i];
+    }
+  }
+}
+
+// One parallel region over the rows of every matrix; a matrix with a side path (sides[i]->a set,
+// its t filled) adds it to the outputs of each chunk right after the chunk's integer products.
+void gemv_multi(const std::vector<Mat>& mats, const Act& a, int64_t M, const std::vector<Side*>& sides = {}) {
   int64_t total = 0;
   for (auto& m : mats) total += m.N;
   pfor(0, total, 16, [&](int64_t g0, int64_t g1) {
     int64_t base = 0;
-    for (auto& m : mats) {
+    for (size_t i = 0; i < mats.size(); ++i) {
+      const Mat& m = mats[i];
       const int64_t lo = std::max(g0, base), hi = std::min(g1, base + m.N);
-      if (lo < hi) run_rows(m, lo - base, hi - base, a, M);
+      if (lo < hi) {
+        run_rows(m, lo - base, hi - base, a, M);
+        if (i < sides.size() && sides[i] && sides[i]->a) side_rows(*sides[i], m.out, m.N, lo - base, hi - base, M);
+      }
       base += m.N;
     }
   });
@@ -292,17 +372,100 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k, const at:
   return out;
 }
 
+// ---- RoPE and GeGLU, shared by decode_layer and the op-by-op step ----------------------------
+// cos / sin of p * inv_freq (the angles as model.text.rope_tables forms them, in fp32)
+void rope_table(float p, const float* inv_freq, int64_t D, float* cs, float* sn) {
+  for (int64_t i = 0; i < D / 2; ++i) { const float ang = p * inv_freq[i]; cs[i] = std::cos(ang); sn[i] = std::sin(ang); }
+}
+// rotate-half RoPE of one head (Su et al. 2021; the halves layout of Gemma / transformers)
+void rope_row(float* vec, const float* cs, const float* sn, int64_t D) {
+  for (int64_t i = 0; i < D / 2; ++i) {
+    const float x1 = vec[i], x2 = vec[i + D / 2];
+    vec[i] = x1 * cs[i] - x2 * sn[i];
+    vec[i + D / 2] = x2 * cs[i] + x1 * sn[i];
+  }
+}
+
+// x (M, H, D) rotated at positions (M,): decode_layer's RoPE as an op, so that the op-by-op step
+// (quant.model._adapter_decode) computes the same bits.
+at::Tensor rope(const at::Tensor& x_, const at::Tensor& positions_, const at::Tensor& inv_freq_) {
+  auto x = as_input(x_).clone();
+  auto positions = positions_.to(at::kLong).contiguous();
+  auto inv_freq = inv_freq_.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.dim() == 3 && positions.numel() == x.size(0) && inv_freq.numel() * 2 == x.size(2),
+              "gemmalab.rope: x (M, H, D), positions (M,), inv_freq (D/2,)");
+  const int64_t M = x.size(0), H = x.size(1), D = x.size(2);
+  std::vector<float> cs(D / 2), sn(D / 2);
+  float* X = x.data_ptr<float>();
+  for (int64_t b = 0; b < M; ++b) {
+    rope_table(float(positions.data_ptr<int64_t>()[b]), inv_freq.data_ptr<float>(), D, cs.data(), sn.data());
+    for (int64_t h = 0; h < H; ++h) rope_row(X + (b * H + h) * D, cs.data(), sn.data(), D);
+  }
+  return x;
+}
+
+// gelu_tanh(g) * u: decode_layer's GeGLU as an op (the same role as rope above)
+at::Tensor gelu_mul_op(const at::Tensor& g_, const at::Tensor& u_) {
+  auto g = as_input(g_), u = as_input(u_);
+  TORCH_CHECK(g.sizes() == u.sizes() && g.numel() % 8 == 0, "gemmalab.gelu_mul: two tensors of one shape, a multiple of 8 values");
+  auto out = at::empty_like(g);
+  gelu_mul(g.data_ptr<float>(), u.data_ptr<float>(), out.data_ptr<float>(), g.numel());
+  return out;
+}
+
 // ---- one decoder block for one new token per row ---------------------------------------------
+// The side path of one projection with K inputs and N outputs, checked; `held` keeps the
+// contiguous fp32 factors alive (views of the adapter's tensors when they already are).
+Side side_of(const at::Tensor& a_, const at::Tensor& b_, double scale, int64_t K, int64_t N,
+             std::vector<at::Tensor>& held) {
+  TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.size(1) == K && b_.size(0) == N && b_.size(1) == a_.size(0) &&
+              a_.size(0) > 0, "gemmalab: LoRA factors must be A (r, ", K, ") and B (", N, ", r), got A ",
+              a_.sizes(), " and B ", b_.sizes());
+  TORCH_CHECK(a_.is_floating_point() && b_.is_floating_point() && a_.device().is_cpu() && b_.device().is_cpu(),
+              "gemmalab: LoRA factors must be floating-point CPU tensors");
+  TORCH_CHECK(K % 8 == 0, "gemmalab: LoRA input features must be a multiple of 8");
+  held.push_back(a_.to(at::kFloat).contiguous());  // the tensors themselves when fp32 and contiguous
+  held.push_back(b_.to(at::kFloat).contiguous());
+  Side s;
+  s.a = held[held.size() - 2].data_ptr<float>();
+  s.b = held.back().data_ptr<float>();
+  s.r = a_.size(0);
+  s.scale = float(scale);
+  return s;
+}
+
+// y + scale * B (A x) for x (M, K), y (M, N): the side path of decode_layer on its own.
+at::Tensor lora_add(const at::Tensor& y_, const at::Tensor& x_, const at::Tensor& a, const at::Tensor& b, double scale) {
+  auto x = as_input(x_);
+  auto y = as_input(y_).clone();
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "gemmalab.lora_add: x (M, K), y (M, N)");
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  std::vector<at::Tensor> held;
+  Side s = side_of(a, b, scale, K, N, held);
+  std::vector<float> t;
+  side_inputs(x.data_ptr<float>(), M, K, {&s}, &t);
+  side_rows(s, y.data_ptr<float>(), N, 0, N, M);  // one thread: products this small gain nothing from two
+  return y;
+}
+
 // norms: input, post-attention, pre-feedforward, post-feedforward [, q_norm, k_norm] (gains 1 + w)
 // weights: q, k, v, o, gate, up, down (uint8 block rows); qtypes alongside
 // dims: n_heads, n_kv, head_dim, hidden, intermediate, window (0 = global)
 // fparams: eps, query scale, attention softcap (0 = none)
+// lora_a, lora_b, lora_scale: none (empty lists) or one entry per weight, LoRA factors A (r, K) and
+// B (N, r) fp32 and the scale alpha / r; an empty tensor: no side path on that projection. Each
+// projection's output gets + scale * B (A x) of its own fp32 input (the normed hidden state for
+// q, k, v, gate, up; the attention output for o; the GeGLU product for down), as train.lora adds it.
 at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorList weights, at::IntArrayRef qtypes,
                         const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& pos, const at::Tensor& rows_,
                         const at::Tensor& slot_, const at::Tensor& qpos_, const at::Tensor& inv_freq_,
-                        int64_t n_scan, at::IntArrayRef dims, at::ArrayRef<double> fparams) {
+                        int64_t n_scan, at::IntArrayRef dims, at::ArrayRef<double> fparams,
+                        at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> lora_scale) {
   TORCH_CHECK(weights.size() == 7 && qtypes.size() == 7 && (norms.size() == 4 || norms.size() == 6) &&
               dims.size() == 6 && fparams.size() == 3, "gemmalab.decode_layer: bad argument lists");
+  TORCH_CHECK((lora_a.empty() && lora_b.empty() && lora_scale.empty()) ||
+              (lora_a.size() == 7 && lora_b.size() == 7 && lora_scale.size() == 7),
+              "gemmalab.decode_layer: LoRA factors are given for all seven projections or none");
   check_cache(kc, vc, pos);
   auto x = as_input(x_).clone();
   // B query rows (one token each); several may belong to the same cache row (speculative
@@ -316,6 +479,13 @@ at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorLi
   for (auto& n : norms) nw.push_back(n.to(at::kFloat).contiguous());
   const int64_t Ks[7] = {d, d, d, H * D, d, d, F};
   for (int i = 0; i < 7; ++i) check_weight(weights[i], qtypes[i], Ks[i]);
+  Side side[7];
+  std::vector<at::Tensor> held;  // contiguous factors, alive for the call
+  for (int i = 0; i < (int)lora_a.size(); ++i) {
+    if (!lora_a[i].defined() || lora_a[i].numel() == 0) continue;
+    side[i] = side_of(lora_a[i], lora_b[i], lora_scale[i], Ks[i], weights[i].size(0), held);
+  }
+  std::vector<float> ts[7];
   auto mat = [&](int i, float* out) {
     return Mat{weights[i].data_ptr<uint8_t>(), int(qtypes[i]), weights[i].size(0), weights[i].size(1), out};
   };
@@ -327,7 +497,8 @@ at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorLi
   for (int64_t b = 0; b < B; ++b) rmsnorm_row(X + b * d, nw[0].data_ptr<float>(), h.data() + b * d, d, eps);
   {
     ActBuf a(h.data(), B, d);
-    gemv_multi({mat(0, q.data()), mat(1, k.data()), mat(2, v.data())}, a.act, B);
+    side_inputs(h.data(), B, d, {side + 0, side + 1, side + 2}, ts + 0);
+    gemv_multi({mat(0, q.data()), mat(1, k.data()), mat(2, v.data())}, a.act, B, {side + 0, side + 1, side + 2});
   }
   const float* IF = inv_freq.data_ptr<float>();
   std::vector<float> cs(D / 2), sn(D / 2), tmp(D);
@@ -335,15 +506,8 @@ at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorLi
   float* VC = vc.data_ptr<float>();
   const int64_t S = kc.size(2);
   for (int64_t b = 0; b < B; ++b) {
-    const float p = float(qpos.data_ptr<int64_t>()[b]);
-    for (int64_t i = 0; i < D / 2; ++i) { const float ang = p * IF[i]; cs[i] = std::cos(ang); sn[i] = std::sin(ang); }
-    auto rope = [&](float* vec) {
-      for (int64_t i = 0; i < D / 2; ++i) {
-        const float x1 = vec[i], x2 = vec[i + D / 2];
-        vec[i] = x1 * cs[i] - x2 * sn[i];
-        vec[i + D / 2] = x2 * cs[i] + x1 * sn[i];
-      }
-    };
+    rope_table(float(qpos.data_ptr<int64_t>()[b]), IF, D, cs.data(), sn.data());
+    auto rope = [&](float* vec) { rope_row(vec, cs.data(), sn.data(), D); };
     for (int64_t hh = 0; hh < H; ++hh) {
       float* qv = q.data() + (b * H + hh) * D;
       if (nw.size() == 6) { rmsnorm_row(qv, nw[4].data_ptr<float>(), tmp.data(), D, eps); std::copy(tmp.begin(), tmp.end(), qv); }
@@ -364,7 +528,8 @@ at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorLi
   attend(aa);
   {
     ActBuf a(att.data(), B, H * D);
-    gemv_multi({mat(3, o.data())}, a.act, B);
+    side_inputs(att.data(), B, H * D, {side + 3}, ts + 3);
+    gemv_multi({mat(3, o.data())}, a.act, B, {side + 3});
   }
   for (int64_t b = 0; b < B; ++b) {
     rmsnorm_row(o.data() + b * d, nw[1].data_ptr<float>(), h.data() + b * d, d, eps);
@@ -374,12 +539,14 @@ at::Tensor decode_layer(const at::Tensor& x_, at::TensorList norms, at::TensorLi
   // feed-forward
   {
     ActBuf a(h.data(), B, d);
-    gemv_multi({mat(4, g.data()), mat(5, u.data())}, a.act, B);
+    side_inputs(h.data(), B, d, {side + 4, side + 5}, ts + 4);
+    gemv_multi({mat(4, g.data()), mat(5, u.data())}, a.act, B, {side + 4, side + 5});
   }
   gelu_mul(g.data(), u.data(), g.data(), B * F);
   {
     ActBuf a(g.data(), B, F);
-    gemv_multi({mat(6, o.data())}, a.act, B);
+    side_inputs(g.data(), B, F, {side + 6}, ts + 6);
+    gemv_multi({mat(6, o.data())}, a.act, B, {side + 6});
   }
   for (int64_t b = 0; b < B; ++b) {
     rmsnorm_row(o.data() + b * d, nw[3].data_ptr<float>(), h.data() + b * d, d, eps);
@@ -526,5 +693,8 @@ TORCH_LIBRARY(gemmalab, m) {
         "int window, float scale, float softcap) -> Tensor", gl::decode_attention);
   m.def("decode_layer(Tensor x, Tensor[] norms, Tensor[] weights, int[] qtypes, Tensor k_cache, Tensor v_cache, "
         "Tensor slot_pos, Tensor rows, Tensor write_slot, Tensor positions, Tensor inv_freq, int n_scan, int[] dims, "
-        "float[] fparams) -> Tensor", gl::decode_layer);
+        "float[] fparams, Tensor[] lora_a, Tensor[] lora_b, float[] lora_scale) -> Tensor", gl::decode_layer);
+  m.def("lora_add(Tensor y, Tensor x, Tensor a, Tensor b, float scale) -> Tensor", gl::lora_add);
+  m.def("rope(Tensor x, Tensor positions, Tensor inv_freq) -> Tensor", gl::rope);
+  m.def("gelu_mul(Tensor g, Tensor u) -> Tensor", gl::gelu_mul_op);
 }
