@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from gemmalab.generate import SamplingParams, generate_steps  # noqa: E402
-from gemmalab.train.distill_losses import full_kd_loss, kd_metrics  # noqa: E402
+from gemmalab.train.losses import full_kd_loss, kd_metrics  # noqa: E402
 from gemmalab.train.hacking import PowerLawMonitor, golden_u_shape  # noqa: E402
 from gemmalab.train.teacher import head_logits  # noqa: E402
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gemmalab.config import get_config
 from gemmalab.model import Gemma3
-from gemmalab.train.distill_losses import (full_kd_loss, kd_metrics, naive_full_kd_loss,
+from gemmalab.train.losses import (full_kd_loss, kd_metrics, naive_full_kd_loss,
                                            naive_sparse_kd_loss, sparse_kd_loss, sparse_target_weights)
 from gemmalab.train.teacher import head_logits, sample_targets, topk_targets
 
@@ -289,7 +289,7 @@ def test_samplers():
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import sys, time, torch
-    from gemmalab.train.distill_losses import full_kd_loss, sparse_kd_loss, sparse_target_weights
+    from gemmalab.train.losses import full_kd_loss, sparse_kd_loss, sparse_target_weights
     from gemmalab.train.teacher import head_logits
     torch.set_num_threads(2)
     kind, N, d, V, K = sys.argv[1], *map(int, sys.argv[2:])

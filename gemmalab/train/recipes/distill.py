@@ -18,7 +18,7 @@ checkpoints, exact resume, metrics) with another data source and loss:
   full-vocabulary loss. Sampling is seeded by (run.seed, step, micro-batch, rank): a resumed run draws
   what an uninterrupted one would.
 
-The losses are `train.distill_losses` (chunked over the vocabulary). Evaluation (eval.store, every
+The losses are `train.losses` (one chunked-vocabulary engine). Evaluation (eval.store, every
 eval.every steps) logs eval_ce (held-out next-token cross-entropy, nats) and, when the held-out store
 has full log-probabilities, eval_kl = KL(teacher || student) per token.
 """
@@ -31,8 +31,8 @@ import torch
 from ..build import build_model_and_tokenizer, load_frozen
 from ..config import DistillConfig
 from ..logit_store import LogitStore, StoreDataset, StoreError, resolve_teacher
-from ..distill_losses import full_kd_loss, kd_metrics, sparse_kd_loss, sparse_target_weights
-from ..losses import chunked_cross_entropy
+from ..losses import (chunked_cross_entropy, full_kd_loss, kd_metrics, sparse_kd_loss,
+                      sparse_target_weights)
 from ..teacher import head_logits, teacher_targets, topk_targets
 from ..trainer import setup_run, train_loop
 
