@@ -12,6 +12,8 @@ real command line (`python -m gemmalab ...`) in a child process:
     distill  gemmalab train distill  offline from a teacher-logit store, eval every 10 steps
     store    gemmalab distill cache  the teacher-logit store build, 2 rows per shard
     qat      gemmalab train qat      Q4_0 fake quantization, online full-vocabulary self-distillation
+    gkd      gemmalab train gkd      on-policy distillation (lmbda 0.5: student samples in half the
+                                     steps), the tiny teacher in the loop, JSD(0.5)
 
 For each job: one uninterrupted reference run (its wall time T from process start to exit), then
 campaigns: start the job, SIGKILL it at a moment drawn uniformly from [0, T] after its start (a seeded
@@ -67,7 +69,7 @@ if str(REPO) not in sys.path:
 if str(REPO / "bench") not in sys.path:
     sys.path.insert(0, str(REPO / "bench"))
 
-JOBS = ("sft", "distill", "store", "qat")
+JOBS = ("sft", "distill", "store", "qat", "gkd")
 BEGIN, END = "<!-- BEGIN fault_injection -->", "<!-- END fault_injection -->"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
 # metrics.jsonl fields that are timings, not results
@@ -82,7 +84,7 @@ _fd = os.open(os.environ["FI_TRACE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o
 def _ev(*words):
     os.write(_fd, (f"{time.monotonic():.6f} " + " ".join(map(str, words)) + "\n").encode())
 _ev("start")
-from gemmalab.train import checkpoint as _ck, sft as _sft, logit_store as _ls
+from gemmalab.train import checkpoint as _ck, trainer as _trainer, logit_store as _ls
 def _wrap(owner, name, before, after):
     fn = getattr(owner, name, None)
     if fn is None:  # a module another change reshaped: trace less, run the same
@@ -96,7 +98,7 @@ def _wrap(owner, name, before, after):
 _wrap(_ck, "save", lambda out, step, *a, **k: ("save-begin", step), lambda out, step, *a, **k: ("save-end", step))
 _wrap(_ck, "load", lambda *a, **k: ("load-begin",), lambda *a, **k: ("load-end",))
 _wrap(_ck.MetricsLog, "write", lambda s, row: ("log-begin", row["step"]), lambda s, row: ("log-end", row["step"]))
-_wrap(_sft, "make_optimizer", lambda *a, **k: ("loop-setup",), lambda *a, **k: ("loop-ready",))
+_wrap(_trainer, "make_optimizer", lambda *a, **k: ("loop-setup",), lambda *a, **k: ("loop-ready",))
 _wrap(_ls, "_write_shard_rows", lambda out, i, *a, **k: ("shard-begin", i), lambda out, i, *a, **k: ("shard-end", i))
 _wrap(_ls.ShardWriter, "commit", lambda s: ("commit-begin",), lambda s: ("commit-end",))
 for _name in ("write_atomic", "_write_json_atomic"):  # the store's manifest replace
@@ -133,12 +135,12 @@ def make_fixtures(root: Path) -> dict:
     import torch
 
     from gemmalab.train.logit_store import build_store
-    from tests.distill_helpers import text_data, tiny_teacher_gguf
+    from tests.distill_helpers import chat_data, text_data, tiny_teacher_gguf
 
     root.mkdir(parents=True, exist_ok=True)
     fx = {"root": root, "teacher": root / "teacher.gguf", "train": root / "train.jsonl",
           "held": root / "held.jsonl", "cache_data": root / "cache.jsonl",
-          "store": root / "store", "held_store": root / "held_store"}
+          "store": root / "store", "held_store": root / "held_store", "chat": root / "chat.jsonl"}
     if not (root / "ready").exists():
         before = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -157,6 +159,8 @@ def make_fixtures(root: Path) -> dict:
         finally:
             torch.set_num_threads(before)
         (root / "ready").write_text("ok")
+    if not fx["chat"].exists():  # prompts of the gkd job (a work directory from before it existed)
+        chat_data(fx["chat"], 40)
     return fx
 
 
@@ -182,6 +186,11 @@ def train_config(job: str, fx: dict, out: Path, **changes) -> dict:
                "optim": {"lr": 1e-3, "warmup_steps": 2},
                "run": dict(run, steps=12, save_every=2),
                "qat": {"embedding": "q8_0"}}
+    elif job == "gkd":
+        raw = {"model": student, "data": {"train": [str(fx["chat"])], "batch_size": 2, "seq_len": 40},
+               "optim": {"lr": 1e-2, "warmup_steps": 2},
+               "run": dict(run, steps=12, save_every=3),
+               "gkd": {"teacher": str(fx["teacher"]), "lmbda": 0.5, "max_new_tokens": 8}}
     else:
         raise ValueError(f"not a training job: {job}")
     for key, value in changes.items():
@@ -692,7 +701,10 @@ def markdown(rec: dict) -> str:
              f"{rec['date']}. Each job is the real command line in a child process; SIGKILL at a moment "
              "drawn uniformly over the reference run's wall time from process start, then resume, "
              "again and again until a process completes; raw figures in "
-             "[reliability/faults.json](reliability/faults.json).", "",
+             "[reliability/faults.json](reliability/faults.json)."]
+    lines += [f"Added later: {', '.join(r['jobs'])} (`--jobs {' '.join(r['jobs'])}`, merged into the same "
+              f"record) on {r['cpu']}, {r['date']}." for r in rec.get("runs_added", [])]
+    lines += ["",
              "| job | kills | campaigns | reference run | corrupt checkpoints | temp files left | final state bitwise equal | metrics equal | bench time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, j in rec["jobs"].items():

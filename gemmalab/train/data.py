@@ -66,6 +66,7 @@ import torch
 from ..tokenizer import ChatTemplateError, render_chat
 
 __all__ = ["DataError", "iter_records", "tokenize_record", "Packer", "pack", "collate", "PackedDataset",
+           "PromptDataset", "split_prompt", "completion_row",
            "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -618,3 +619,103 @@ class PackedDataset:
         self._epoch, self._records_done, self._batches = state["epoch"], state["records_done"], state["batches"]
         self._packer.load_state_dict(state["packer"])
         self._pending = [{k: torch.tensor(v) for k, v in r.items()} for r in state["pending"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts with optional reference completions (on-policy recipes: GKD, RL)
+
+def split_prompt(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a chat record for recipes that generate.
+
+    The prompt is the conversation before its last model turn, ending with the generation prompt
+    `<start_of_turn>model\\n`, exactly `encode_chat(messages[:-1], add_generation_prompt=True)`; the
+    completion is that turn's content plus `<end_of_turn>` (what the sampler produces, see
+    `tokenize_record`). A conversation that does not end with a model turn is a prompt alone.
+    """
+    if "messages" not in record:
+        raise DataError("on-policy recipes read chat records {\"messages\": [...]} (a prompt, and "
+                        "optionally the reference answer as the last model turn), not plain text")
+    messages = record["messages"]
+    if messages[-1].get("role") not in _MODEL_ROLES:
+        return tokenizer.encode_chat(messages, add_generation_prompt=True), []
+    ids, mask = tokenize_record(record, tokenizer, train_on="model")
+    end = len(mask)
+    while end and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    return ids[:start], ids[start:end]
+
+
+def completion_row(prompt: Sequence[int], completion: Sequence[int], seq_len: int, pad_id: int
+                   ) -> dict[str, torch.Tensor]:
+    """One unpacked row `prompt + completion` (cut to seq_len) whose targets are the completion's
+    tokens only: {input_ids, positions, segment_ids, targets} (seq_len,), padding at the end."""
+    ids = (list(prompt) + list(completion))[:seq_len]
+    p = len(prompt)
+    targets = [ids[i + 1] if i + 1 >= p else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
+    pad = seq_len - len(ids)
+    return {"input_ids": torch.tensor(ids + [pad_id] * pad),
+            "positions": torch.tensor(list(range(len(ids))) + [-1] * pad),
+            "segment_ids": torch.tensor([0] * len(ids) + [-1] * pad),
+            "targets": torch.tensor(targets + [IGNORE_INDEX] * pad),
+            "prompt_len": torch.tensor(p)}
+
+
+class PromptDataset:
+    """Batches of unpacked rows `prompt + reference completion` for recipes that generate, epoch
+    after epoch, resumable exactly (the record stream is replayed up to the saved position).
+
+    Each batch is {input_ids, positions, segment_ids, targets} (B, seq_len) as `completion_row` builds
+    them, plus prompt_len (B,): a recipe may keep the reference completion (supervised) or replace it
+    by a sample (on-policy). Prompts longer than `max_prompt_len` are skipped and counted in `skipped`.
+    """
+
+    def __init__(self, paths, tokenizer, seq_len: int, batch_size: int, seed: int | None = 0, *,
+                 max_prompt_len: int | None = None, shuffle_buffer: int = 10_000):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self.files = resolve_files(paths)
+        self.tokenizer, self.seq_len, self.batch_size, self.seed = tokenizer, seq_len, batch_size, seed
+        self.max_prompt_len = min(max_prompt_len or seq_len - 1, seq_len - 1)
+        self.shuffle_buffer = shuffle_buffer
+        self._epoch, self._records_done, self._batches, self.skipped = 0, 0, 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            seed = None if self.seed is None else self.seed + self._epoch
+            records = itertools.islice(iter_records(self.files, seed=seed, shuffle_buffer=self.shuffle_buffer),
+                                       self._records_done, None)
+            rows, usable = [], self._records_done > 0
+            for rec in records:
+                self._records_done += 1
+                prompt, completion = split_prompt(rec, self.tokenizer)
+                if len(prompt) > self.max_prompt_len:
+                    self.skipped += 1
+                    continue
+                usable = True
+                rows.append(completion_row(prompt, completion, self.seq_len, self.tokenizer.pad_id))
+                if len(rows) == self.batch_size:
+                    self._batches += 1
+                    yield collate(rows)
+                    rows = []
+            if not usable:
+                raise DataError(f"no record of {', '.join(map(str, self.files))} has a prompt of at most "
+                                f"{self.max_prompt_len} tokens")
+            self._epoch, self._records_done = self._epoch + 1, 0  # a last partial batch is dropped
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "kind": "prompts", "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "files": [f.name for f in self.files],
+                "epoch": self._epoch, "records_done": self._records_done, "batches": self._batches}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        mine = {"kind": "prompts", "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "files": [f.name for f in self.files]}
+        diff = [k for k in mine if state.get(k) != mine[k]]
+        if state.get("version") != 1 or diff:
+            raise ValueError("the saved data state belongs to another data stream ("
+                             + ", ".join(diff or ["version"]) + " differ); resume with the same files, "
+                             "seed, seq_len and batch_size, or start afresh")
+        self._epoch, self._records_done, self._batches = state["epoch"], state["records_done"], state["batches"]

@@ -91,3 +91,10 @@ register(Recipe(
     summary=lambda last, cfg: f"step {last['step']}: loss {last['loss']:.4f}{_evals(last)}; checkpoints "
                               f"in {cfg.run.out_dir}; export with: gemmalab export {cfg.run.out_dir} "
                               "--to gguf OUT.gguf"))
+register(Recipe(
+    "gkd", "on-policy distillation (GKD: JSD(beta), forward / reverse KL, Fenchel-Young alpha) from a "
+           "teacher or a few-shot prompted teacher",
+    _OVERRIDES + "gkd.lmbda=1 gkd.divergence=rkl run.steps=60.",
+    config=".gkd:GKDConfig", run=".gkd:train_gkd", check=".gkd:check_gkd_config",
+    summary=lambda last, cfg: f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in "
+                              f"{cfg.run.out_dir}"))
