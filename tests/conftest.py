@@ -26,3 +26,14 @@ def lm(model_path):
     """Our fp32 load of the real 270M, shared by the tests that need it."""
     import gemmalab
     return gemmalab.load(model_path, mode="fp32")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on one thread: two threads on two cores that other jobs share make every small op
+    wait for a descheduled OpenMP worker (measured 2.5x slower). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

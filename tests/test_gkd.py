@@ -15,12 +15,7 @@ from .distill_helpers import chat_data, kill_and_resume, tiny_teacher_gguf
 from .test_distill_train import ENV, STUDENT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
