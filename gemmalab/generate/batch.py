@@ -317,13 +317,16 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], n: int = 1, max_new_to
                  params: SamplingParams = SamplingParams(), *, stop_ids: Sequence[int] = (),
                  seed: int | None = None, tokenizer=None, stop: Sequence[str] = (),
                  max_batch: int | None = None, prefill_chunk: int = 512,
-                 stats: dict | None = None) -> list[Sample]:
+                 stats: dict | None = None, exact: bool = True) -> list[Sample]:
     """n samples for each prompt (token ids), ordered by (prompt_index, index).
 
     Prompts are admitted as rows free up (continuous batching over max_batch rows, default
     min(16 or n, prompts x n)). Prompt j's choice i samples with a generator seeded
     seed + j * n + i (seed None: unseeded), so each sample is bit-identical to
     `sample_batch(model, [prompts[j]], n, ..., seed=seed + j * n)[i]`, whatever else runs.
+    exact=False decodes the rows of the fp32 module path in one batched forward (faster: the LM head
+    is read once per step, not once per row), at the price of that row-for-row identity: a row's
+    last bits then depend on the rows beside it (see BatchGenerator).
     """
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts:
@@ -335,7 +338,8 @@ def sample_batch(model, prompts: Sequence[Sequence[int]], n: int = 1, max_new_to
     seed = params.seed if seed is None else seed
     max_batch = max_batch or max(n, min(16, len(prompts) * n))
     gen = BatchGenerator(model, tokenizer, max_batch,
-                         min(context, max(len(p) for p in prompts) + max_new_tokens), prefill_chunk)
+                         min(context, max(len(p) for p in prompts) + max_new_tokens), prefill_chunk,
+                         exact=exact)
     out: dict[tuple[int, int], Sample] = {}
     waiting = list(range(len(prompts)))
     t0 = time.perf_counter()

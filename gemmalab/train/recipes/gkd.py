@@ -54,6 +54,9 @@ class GKDSection:
     teacher_mode: str = "fp32"  # "fp32" (exact) or "native" (the GGUF's own blocks)
     sampler: str = "model"  # on-policy samples from "model" (the trained fp32 model: exact) or
     #                         "native" (the GGUF's own blocks + the fp32 LoRA path: fast, LoRA only)
+    exact_rows: bool = True  # sampler = "model": each row decoded as if alone (a sample does not depend
+    #                          on the rows beside it, so 2 torchrun processes draw what 1 does); False
+    #                          decodes the micro-batch in one forward (faster; resume stays exact)
     teacher_prefix: str = ""  # text the teacher sees before every prompt (few-shot / system prompt)
     max_new_tokens: int = 64  # sampled completion length (prompt + completion <= data.seq_len)
     top_k: int = 0  # sampling filters; 0 / 1.0 sample the full distribution (what GKD assumes)
@@ -118,7 +121,7 @@ def check_gkd_config(cfg: GKDConfig) -> GKDConfig:
 @torch.no_grad()
 def sample_completions(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                        top_k: int, top_p: float, stop_ids: list[int], seed: int,
-                       with_logprobs: bool = False):
+                       with_logprobs: bool = False, exact: bool = True):
     """One sampled completion per prompt through the generation core, each ending at its first stop
     id (kept) or at the length. Prompt j samples with seed + j and its row computes what it would
     alone, so a sample does not depend on which rows share its batch (or its process). With
@@ -127,7 +130,7 @@ def sample_completions(model, prompts: list[list[int]], *, max_new_tokens: int, 
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     samples = sample_batch(model, prompts, n=1, max_new_tokens=max_new_tokens, params=params,
-                           stop_ids=stop_ids, seed=seed)
+                           stop_ids=stop_ids, seed=seed, exact=exact)
     tokens = [s.token_ids for s in samples]
     return (tokens, [s.logprobs for s in samples]) if with_logprobs else tokens
 
@@ -223,7 +226,8 @@ def _prepare(cfg: GKDConfig, teacher: Teacher, tokenizer, rank: int, sampler=Non
             kw = dict(max_new_tokens=g.max_new_tokens,  # fits: PromptDataset's max_prompt_len
                       temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=stop_ids, seed=seed)
             if on_policy:
-                completions, logprobs = sample_completions(sampler or model, prompts, with_logprobs=True, **kw)
+                completions, logprobs = sample_completions(sampler or model, prompts, with_logprobs=True,
+                                                           exact=g.exact_rows, **kw)
             else:  # SeqKD: the teacher's samples, the teacher reading its prefix
                 with teacher.role():
                     completions = sample_completions(
