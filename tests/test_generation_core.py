@@ -11,14 +11,7 @@ PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 17, [100, 3]]
 EXACT = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)  # the model's own distribution
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = Gemma3(get_config("tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+from .test_generate import tiny  # noqa: E402,F401 - the same tiny random model fixture
 
 
 @pytest.fixture(scope="module")
