@@ -459,7 +459,7 @@ def cmd_info(args) -> int:
     print("tensors    " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
     m = info["machine"]
     print(f"cpu        {m['cpu']} ({m['id']}): {', '.join(m['flags']) or 'no SIMD flags'}")
-    print(f"kernels    {m['kernels']} (GEMMALAB_ISA=avx2|avx512 overrides); bf16 compute "
+    print(f"kernels    {m['kernels']} (GEMMALAB_ISA=avx2|avx512|amx overrides); bf16 compute "
           f"{'on' if m['bf16'] else 'off'} (GEMMALAB_CPU_BF16=0|1)")
     print("KV cache (bf16, one sequence):   hybrid     all-global   ratio")
     for ctx, row in info["kv_cache_bf16"].items():

@@ -4,8 +4,10 @@ gemmalab runs on machines of different kinds (e.g. AMD Zen 1: AVX2 + FMA only, s
 multiplies, no fast bf16; AMD Zen 4: AVX-512 F/BW/VL, VNNI and BF16). Code paths are chosen from
 these facts, never assumed:
 
-- the quantized kernels' ISA variant (`gemmalab.quant.kernels.isa()`): "avx512" where the CPU has
-  AVX-512 F/BW/VL/DQ + VNNI, else "avx2"; `GEMMALAB_ISA=avx2|avx512` overrides (tests use it);
+- the quantized kernels' ISA variant (`gemmalab.quant.kernels.isa()`): "amx" where the CPU has
+  AMX-TILE + AMX-INT8 (and the avx512 flags) and Linux grants the process the tile data state,
+  "avx512" where it has AVX-512 F/BW/VL/DQ + VNNI, else "avx2"; `GEMMALAB_ISA=avx2|avx512|amx`
+  overrides (tests use it);
 - bf16 compute on CPU (`cpu_bf16()`): training autocast and the float weights' prefill choose bf16
   where the CPU has AVX512_BF16 or AMX-BF16 (native bf16 dot products), fp32 elsewhere;
   `GEMMALAB_CPU_BF16=0|1` overrides.
@@ -22,6 +24,7 @@ import platform
 REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
                   "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 AVX512_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+AMX_NEEDS = AVX512_NEEDS + ("amx_tile", "amx_int8")
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,6 +75,29 @@ def has(*flags: str) -> bool:
 def avx512_supported() -> bool:
     """AVX-512 F/BW/VL/DQ with VNNI: what the "avx512" kernel variant is compiled for."""
     return platform.machine().lower() in ("x86_64", "amd64") and has(*AVX512_NEEDS)
+
+
+@functools.lru_cache(maxsize=1)
+def amx_permission() -> str:
+    """'' once Linux lets this process use the AMX tile data state (asked once: arch_prctl
+    ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, Linux 5.16+), else why not."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return "AMX tile data needs Linux on x86-64"
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.syscall(158, 0x1023, 18)  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError) as e:
+        return f"could not ask the kernel for the AMX tile data state ({e})"
+    if rc != 0:
+        return (f"the Linux kernel refused the AMX tile data state ({os.strerror(ctypes.get_errno())}; "
+                "Linux 5.16 or later is needed)")
+    return ""
+
+
+def amx_supported() -> bool:
+    """AMX-TILE + AMX-INT8 with the avx512 flags, and the tile state granted: the "amx" variant."""
+    return avx512_supported() and has(*AMX_NEEDS) and amx_permission() == ""
 
 
 def native_bf16() -> bool:

@@ -190,9 +190,11 @@ def test_variants_and_threads_give_the_same_bits(restore_isa):
                                                for i in range(3)])
     finally:
         torch.set_num_threads(threads)
-    ref = outs["avx2", threads]
-    for key, out in outs.items():
-        assert torch.equal(out, ref), key
+    for (v, nt), out in outs.items():
+        # the exact variants give avx2's bits; amx (its own fp32 summation order) its own, at any
+        # thread count (its tolerance against avx2 is tests/test_isa.py's)
+        ref = outs["avx2" if v in kernels.EXACT_ISAS else v, threads]
+        assert torch.equal(out, ref), (v, nt)
 
 
 def test_an_update_in_place_is_seen_at_the_next_step():
@@ -251,4 +253,13 @@ def test_real_model_greedy_decode_on_both_paths(model_path, restore_isa):
             model(torch.tensor([ids, ids]), cache=c)
             outs[v] = torch.stack([model.decode_step(torch.tensor([5, 9]), torch.full((2,), T + i), c)
                                    for i in range(4)])
-    assert all(torch.equal(o, outs["avx2"]) for o in outs.values())
+    assert all(torch.equal(o, outs["avx2"]) for v, o in outs.items() if v in kernels.EXACT_ISAS)
+    ref = torch.log_softmax(outs["avx2"], -1)
+    for v in set(outs) - set(kernels.EXACT_ISAS):
+        # amx: each product within test_isa.py's tolerance, but every layer re-quantizes its input
+        # to 8 bits, so a few codes round the other way and logits move by up to ~1.7 (measured);
+        # the distributions stay close (KL measured 0.0076 here; test_isa.py bounds amx's quality)
+        lp = torch.log_softmax(outs[v], -1)
+        kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+        print(f"{v} vs avx2: KL {kl:.5f}")
+        assert kl <= 0.05, (v, kl)

@@ -9,10 +9,17 @@ the fp32 mode with a warning.
 Variants (`isa()`), chosen at run time from what the CPU reports (`gemmalab.cpu`):
 - "avx2": the baseline (maddubs + madd for the int8 dot products);
 - "avx512": AVX-512 F/BW/VL/DQ + VNNI (vpdpbusd on two weight blocks per 512-bit register, up to
-  8 activation rows per weight pass), bit-identical outputs to "avx2" (tests/test_isa.py).
-Both are always compiled (the AVX-512 file through a target pragma) and the best one the CPU runs is
-used; `GEMMALAB_ISA=avx2|avx512` or `set_isa(name)` overrides (an unsupported choice is an error).
-AMX is not used.
+  8 activation rows per weight pass), bit-identical outputs to "avx2" (tests/test_isa.py);
+- "amx": AMX-INT8 tile products (16 weight rows x up to 16 activation rows x one block of 32 per
+  tdpbssd / tdpbusd), one fp32 scaling per block instead of 8 lanes, for Q8_0, Q8_0_SYM and Q5_0_U8
+  (the LM head and most of the embedded model's layers), at any number of rows; the other types run
+  the avx512 kernel inside it. Needs AMX-TILE + AMX-INT8 with the avx512 flags and Linux's leave to
+  use the tile state (arch_prctl, Linux 5.16+). NOT bit-identical to the others (one rounding per
+  block: within ~1e-7 relative per product, see csrc/qgemm_amx.cpp and docs/cpu.md), but a row gets
+  the same bits alone or in a batch and at any thread count.
+All are always compiled (the AVX-512 and AMX files through target pragmas) and the last one the CPU
+runs is used; `GEMMALAB_ISA=avx2|avx512|amx` or `set_isa(name)` overrides (an unsupported choice is
+an error naming what is missing). `EXACT_ISAS`: the variants bit-identical to "avx2".
 
 Threads: the kernels claim guided chunks dynamically on torch's OpenMP team, and run on the caller
 alone while other processes hold the cores (csrc/pool.h); as many threads as
@@ -29,8 +36,10 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("csrc")
-_SOURCES = ("qgemm.cpp", "qgemm_avx512.cpp", "pool.cpp", "ops.cpp")
-ISAS = ("avx2", "avx512")
+_SOURCES = ("qgemm.cpp", "qgemm_avx512.cpp", "qgemm_amx.cpp", "pool.cpp", "ops.cpp")
+ISAS = ("avx2", "avx512", "amx")
+# the variants whose outputs are bit-identical to avx2's (amx rounds differently, see the docstring)
+EXACT_ISAS = ("avx2", "avx512")
 # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it runs on one thread.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fno-math-errno", "-fopenmp"]
 _lock = threading.Lock()
@@ -56,7 +65,8 @@ def cpu_supported() -> tuple[bool, str]:
 def supported_isas() -> list[str]:
     """The kernel variants this CPU can run, baseline first."""
     from .. import cpu
-    return ["avx2"] + (["avx512"] if cpu.avx512_supported() else [])
+    return (["avx2"] + (["avx512"] if cpu.avx512_supported() else [])
+            + (["amx"] if cpu.amx_supported() else []))
 
 
 def _check_isa(name: str) -> None:
@@ -64,8 +74,11 @@ def _check_isa(name: str) -> None:
         raise ValueError(f"unknown kernel variant {name!r}; use one of {', '.join(ISAS)}")
     if name not in supported_isas():
         from .. import cpu
-        missing = [f for f in cpu.AVX512_NEEDS if not cpu.has(f)]
-        raise ValueError(f"this CPU cannot run the {name} kernels (it lacks {', '.join(missing)}); "
+        needs = cpu.AMX_NEEDS if name == "amx" else cpu.AVX512_NEEDS
+        missing = [f for f in needs if not cpu.has(f)]
+        why = (f"it lacks {', '.join(missing)}" if missing else
+               f"it lacks permission to use them: {cpu.amx_permission()}")
+        raise ValueError(f"this CPU cannot run the {name} kernels ({why}); "
                          f"it supports {', '.join(supported_isas())}")
 
 

@@ -30,6 +30,7 @@ int g_isa = ISA_AVX2;  // set by gemmalab.quant.kernels (set_isa) from what the 
 
 // ---- quantized matrix products ---------------------------------------------------------------
 void run_rows(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
+  if (g_isa == ISA_AMX) return run_rows_amx(m, n0, n1, a, M);
   if (g_isa == ISA_AVX512) return run_rows_avx512(m, n0, n1, a, M);
   return run_rows_avx2(m, n0, n1, a, M);
 }
@@ -43,6 +44,9 @@ struct ActBuf {
   std::vector<float> dx;
   std::vector<int32_t> ns4;
   std::vector<float> das;
+  std::vector<int8_t> vq;  // AMX variant only (see Act)
+  std::vector<float> dap;
+  std::vector<int32_t> ns16;
   Act act;
   ActBuf(const float* x, int64_t M, int64_t K)
       : q(M * K), qabs(M * K), d(M * K / 32), s(M * K / 16), ns4(M * K / 4), das(M * K / 32) {
@@ -51,11 +55,18 @@ struct ActBuf {
     };
     if (M >= 8) pfor(0, M, 1, rows);
     else rows(0, M);
-    if (g_isa == ISA_AVX512) {
+    if (g_isa == ISA_AVX512 || g_isa == ISA_AMX) {  // amx runs the avx512 kernel for some types
       dx.resize(M * K / 4);
       expand_scales(d.data(), M * K / 32, dx.data());
     }
-    act = Act{q.data(), qabs.data(), d.data(), s.data(), K, dx.empty() ? nullptr : dx.data(), ns4.data(), das.data()};
+    if (g_isa == ISA_AMX) {
+      vq.resize(M * K);
+      dap.resize(M * K / 2);
+      ns16.resize(M * K / 32);
+      expand_act_amx(q.data(), d.data(), s.data(), M, K, vq.data(), dap.data(), ns16.data());
+    }
+    act = Act{q.data(), qabs.data(), d.data(), s.data(), K, dx.empty() ? nullptr : dx.data(), ns4.data(), das.data(),
+              vq.data(), dap.data(), ns16.data()};
   }
 };
 
@@ -661,7 +672,11 @@ at::Tensor quantize_act(const at::Tensor& x_) {  // for tests: the 8-bit activat
 
 // ---- variant and pool ------------------------------------------------------------------------
 void set_isa(int64_t isa) {
-  TORCH_CHECK(isa == ISA_AVX2 || isa == ISA_AVX512, "gemmalab.set_isa: 0 (avx2) or 1 (avx512)");
+  TORCH_CHECK(isa == ISA_AVX2 || isa == ISA_AVX512 || isa == ISA_AMX, "gemmalab.set_isa: 0 (avx2), 1 (avx512) or 2 (amx)");
+  if (isa == ISA_AMX) {
+    const char* why = amx_permission_error();
+    TORCH_CHECK(why == nullptr, "gemmalab.set_isa: cannot use the amx kernels: ", why ? why : "");
+  }
   g_isa = int(isa);
 }
 int64_t get_isa() { return g_isa; }

@@ -1,5 +1,5 @@
-// Quantized matrix-vector / matrix-matrix products on GGUF weight blocks (AVX2 + FMA + F16C, and an
-// AVX-512 VNNI variant in qgemm_avx512.cpp chosen at run time).
+// Quantized matrix-vector / matrix-matrix products on GGUF weight blocks (AVX2 + FMA + F16C, an
+// AVX-512 VNNI variant in qgemm_avx512.cpp and an AMX variant in qgemm_amx.cpp, chosen at run time).
 //
 // Weights stay in the file's block layouts (see gemmalab/quant/gguf_blocks.py for the byte maps);
 // activations are quantized on the fly to 8 bits per block of 32 values with one fp32 scale, the
@@ -61,6 +61,10 @@ struct Act {
   const float* dx;      // AVX-512 variant only: d of each block repeated 8 times (one 256-bit half)
   const int32_t* ns4;
   const float* das;
+  // AMX variant only (expand_act_amx): activation tiles of up to 16 rows, tile t = rows [16t, 16t + mt):
+  const int8_t* vq;     // at 16t*K + 32*mt*j: block j in VNNI layout (8 rows of 4 codes x mt rows)
+  const float* dap;     // at 16t*(K/32)*16 + 16*mt*j: mt vectors, lane l of vector v = d of row (16v + l) % mt
+  const int32_t* ns16;  // at 16t*(K/32) + mt*j: -16 x (sum of block j's codes) of each row
 };
 
 // A weight matrix of N rows of quantized blocks and its (M, N) fp32 output.
@@ -72,14 +76,21 @@ struct Mat {
   float* out;      // (M, N) row-major
 };
 
-// Kernel variants (gemmalab.quant.kernels.isa()): the same integer sums, and the same fp32
-// operations in the same order, so every variant gives bit-identical outputs.
-enum Isa : int { ISA_AVX2 = 0, ISA_AVX512 = 1 };
+// Kernel variants (gemmalab.quant.kernels.isa()): avx2 and avx512 do the same integer sums and the
+// same fp32 operations in the same order, so they give bit-identical outputs; amx scales whole-block
+// integer sums (one fp32 FMA per block instead of 8 lanes): a different rounding (qgemm_amx.cpp).
+enum Isa : int { ISA_AVX2 = 0, ISA_AVX512 = 1, ISA_AMX = 2 };
 // out rows [n0, n1) of m for all M activation rows, with the given variant.
 void run_rows_avx2(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M);
 void run_rows_avx512(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M);
+void run_rows_amx(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M);
 // The AVX-512 variant's expanded scales: dx[r*K/4 + 8*j + i] = d[r*K/32 + j] for i < 8.
 void expand_scales(const float* d, int64_t nblocks, float* dx);
+// The AMX variant's activation layouts (Act::vq, dap, ns16) from q, d, s of M rows.
+void expand_act_amx(const int8_t* q, const float* d, const int32_t* s, int64_t M, int64_t K, int8_t* vq, float* dap,
+                    int32_t* ns16);
+// nullptr once this process may use the AMX tile data state (asked of the kernel once), else why not.
+const char* amx_permission_error();
 
 // Quantize rows [m0, m1) of x (M, K) fp32: d = max|x| / 127, q = round(x / d).
 void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int8_t* q, uint8_t* qabs, float* d, int32_t* s,
