@@ -414,3 +414,58 @@ def test_errors_are_clear():
         reverse_kl_loss(hidden, weight, targets, teacher[0])
     with pytest.raises(ValueError, match="leading shape"):
         token_logprobs(hidden, weight, targets.flatten())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 vocabulary products (training under bf16 autocast)
+
+# Each bf16 product rounds its inputs and its result to 8 significant bits (relative 2^-9 = 2e-3).
+# Measured on these cases (max |bf16 - fp32| / max |fp32|): cross-entropy loss 1.2e-4 relative,
+# gradients 3.8e-3 (hidden) and 4.5e-3 (weight); JSD(0.5) loss 1.8e-6, gradients 9.3e-3 and 3.7e-2
+# (a difference of two near-equal softmaxes). The bounds keep >= 2.7x margin; fp32 stays the default.
+BF16_PRODUCTS_RTOL = 1e-3
+BF16_PRODUCTS_GRAD_RTOL = {"ce": 2e-2, "jsd": 1e-1}
+
+
+@pytest.mark.parametrize("name", ["ce", "jsd"])
+def test_bf16_products_track_fp32(name):
+    from gemmalab.train.losses.vocab import current_products, release_workspaces, vocab_products
+
+    hidden, weight, targets, teacher = case(seed=14)
+    if name == "ce":
+        fn = lambda h, w: chunked_cross_entropy(h, w, targets, softcap=30.0, **CHUNKS)  # noqa: E731
+    else:
+        fn = lambda h, w: generalized_jsd(h, w, targets, teacher, beta=0.5, **CHUNKS)  # noqa: E731
+    ref = loss_and_grads(fn, hidden, weight)
+    assert current_products() == torch.float32
+    with vocab_products(torch.bfloat16):
+        assert current_products() == torch.bfloat16
+        ours = loss_and_grads(fn, hidden, weight)
+        with torch.no_grad():  # evaluation: the fp32 table is converted 50,000 rows at a time
+            sliced = (chunked_cross_entropy(hidden, weight, targets, softcap=30.0, vocab_chunk=50000, **CHUNKS)
+                      if name == "ce" else
+                      generalized_jsd(hidden, weight, targets, teacher, beta=0.5, vocab_chunk=50000, **CHUNKS))
+    assert current_products() == torch.float32  # the block ends the choice
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.float32
+    assert not torch.equal(ours[0], ref[0])  # bf16 really ran
+    torch.testing.assert_close(ours[0], ref[0], rtol=BF16_PRODUCTS_RTOL, atol=0)
+    torch.testing.assert_close(sliced, ours[0], rtol=1e-5, atol=0)  # the same products, sliced
+    for got, want in ((ours[1], ref[1]), (ours[2], ref[2])):
+        torch.testing.assert_close(got, want, rtol=0, atol=BF16_PRODUCTS_GRAD_RTOL[name] * float(want.abs().max()))
+    assert ours[1][0, 1].abs().max() == 0  # the masked position still gets no gradient
+    assert release_workspaces() > 0 and release_workspaces() == 0  # the kept scratch arrays are freed
+    with pytest.raises(ValueError, match="float32 or torch.bfloat16"):
+        with vocab_products(torch.float16):
+            pass
+
+
+def test_vocab_products_follow_autocast_in_training():
+    from gemmalab.train.config import build_config
+    from gemmalab.train.trainer import vocab_products_choice
+
+    auto, fp32 = (build_config({"model": {"vocab_products": v}}) for v in ("auto", "float32"))
+    assert vocab_products_choice(auto, torch.bfloat16) == torch.bfloat16
+    assert vocab_products_choice(auto, None) == torch.float32
+    assert vocab_products_choice(fp32, torch.bfloat16) == torch.float32
+    with pytest.raises(ValueError, match="model.vocab_products"):
+        vocab_products_choice(build_config({"model": {"vocab_products": "bf16"}}), torch.bfloat16)

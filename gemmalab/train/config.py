@@ -27,6 +27,10 @@ class ModelConfig:
     # "auto": bf16 autocast on GPU, and on CPUs with native bf16 (AVX512_BF16 / AMX-BF16, see
     # gemmalab.cpu.cpu_bf16; GEMMALAB_CPU_BF16=0|1 overrides), fp32 elsewhere; "bfloat16"; "none" (fp32)
     autocast: str = "auto"
+    # the vocabulary-sized products of the chunked losses (logits, their gradients): "auto" = bf16
+    # when autocast is bf16 (logits rounded to bf16, then every loss in fp32; see
+    # gemmalab/train/losses/vocab.py), "float32" keeps them fp32 under autocast too
+    vocab_products: str = "auto"
     activation_checkpointing: bool = False
 
 

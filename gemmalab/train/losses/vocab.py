@@ -28,13 +28,20 @@ and returns (outputs, g): a tuple of (t,) fp32 per-token values, and g = sum_k u
 of shape (t, V) (or None without upstream), which may live in z's storage. `buffers` tells the engine
 how many (t, V) fp32 arrays the rule holds at once, which sizes the token chunks.
 
-Numerics: logits, log-normalisers and gradients are fp32 whatever the input dtypes (both sides are
-upcast); gradients come back in the dtypes of `hidden` and `weight`. An fp32 weight is used in place;
-another dtype is converted whole once per call when gradients are formed, else `vocab_chunk` rows at
-a time (no fp32 copy of the table in evaluation).
+Numerics: the rules see fp32 logits and return fp32 gradients whatever the input dtypes;
+gradients come back in the dtypes of `hidden` and `weight`. The three vocabulary-sized products run
+in fp32 by default (both sides upcast). Inside `with vocab_products(torch.bfloat16):` (what training
+under bf16 autocast uses, `model.vocab_products`) they run in bf16 with the results widened to fp32
+before the rule: each logit then carries bf16's rounding (a relative error up to 2^-9, 0.04 at a
+logit of 20), as it does in transformers' LM head under autocast; log-normalisers, softmax, the
+losses and the weight gradient's sum over token chunks stay fp32. A weight already in the product
+dtype is used in place; otherwise it is converted whole once per call when gradients are formed, else
+`vocab_chunk` rows at a time (no converted copy of the table in evaluation).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Callable, NamedTuple
 
@@ -42,13 +49,41 @@ import torch
 from torch import Tensor
 
 __all__ = ["vocab_sum", "vocab_map", "Rule", "DEFAULT_BUDGET", "softmax_", "log_softmax_", "rowdot",
-           "weighted", "check_shapes", "normalize", "as_teacher_fn", "selected_rows", "zero_loss"]
+           "weighted", "check_shapes", "normalize", "as_teacher_fn", "selected_rows", "zero_loss",
+           "vocab_products", "current_products", "release_workspaces"]
 
 DEFAULT_BUDGET = 256 << 20  # bytes of fp32 (token chunk x V) arrays at once: 256 tokens x 262,144 x 4
 Upstream = tuple  # of float | Tensor | None, one entry per rule output
 Rule = Callable[[Tensor, slice, "Upstream | None"], "tuple[tuple[Tensor, ...], Tensor | None]"]
 # (flat token indices (n,), v0, v1) -> (n, v1 - v0) logits: a fresh tensor, which the rules overwrite.
 TeacherFn = Callable[[Tensor, int, int], Tensor]
+
+
+_PRODUCTS: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("gemmalab_vocab_products",
+                                                                       default=torch.float32)
+_PRODUCT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def vocab_products(dtype: torch.dtype | None):
+    """Run the vocabulary-sized products of every loss inside the block in `dtype` (torch.float32,
+    the default, or torch.bfloat16; None leaves the current choice). The choice is taken when a loss
+    is called (a backward pass that recomputes uses the forward's)."""
+    if dtype is None:
+        yield
+        return
+    if dtype not in _PRODUCT_DTYPES:
+        raise ValueError(f"vocabulary products must be torch.float32 or torch.bfloat16, got {dtype}")
+    token = _PRODUCTS.set(dtype)
+    try:
+        yield
+    finally:
+        _PRODUCTS.reset(token)
+
+
+def current_products() -> torch.dtype:
+    """The dtype the vocabulary-sized products run in here (see `vocab_products`)."""
+    return _PRODUCTS.get()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,6 +203,7 @@ class Plan(NamedTuple):
     token_chunk: int
     vocab_chunk: int
     logits_budget: int
+    products: torch.dtype = torch.float32
 
 
 def _workspace(numel: int, like: Tensor) -> Tensor:
@@ -176,16 +212,67 @@ def _workspace(numel: int, like: Tensor) -> Tensor:
     return torch.empty(numel, dtype=torch.float32, device=like.device)
 
 
-def _weight_slices(weight: Tensor, vocab_chunk: int, grads: bool):
-    """(v0, fp32 rows or None) covering the vocabulary. An fp32 weight is used whole, in place. Another
-    dtype is converted once, whole, when gradients are formed (each token chunk reads it twice, and the
-    (V, d) fp32 weight gradient is there anyway), else `vocab_chunk` rows at a time (None: convert
-    weight[v0:v0 + vocab_chunk] where used), so evaluation makes no fp32 copy of the table."""
-    if weight.dtype == torch.float32:
+_HELD: dict[str, Tensor] = {}
+
+
+def _held(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat buffer of at least `numel` elements kept between calls: the bf16 product path's scratch
+    arrays (and its bf16 copy of the weight) are each hundreds of MB, and a fresh allocation that
+    size is paid again in page faults every step (measured: converting the 262k x 640 table into a
+    new tensor 397 ms, into a kept one 48 ms). `release_workspaces()` frees them."""
+    buf = _HELD.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        _HELD.pop(name, None)
+        buf = _HELD[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_workspaces() -> int:
+    """Free the buffers the bf16 vocabulary products keep between calls; returns the bytes freed."""
+    freed = sum(b.numel() * b.element_size() for b in _HELD.values())
+    _HELD.clear()
+    return freed
+
+
+def _add_widened(out: Tensor, x: Tensor, rows: int = 2048) -> None:
+    """out (fp32) += x (bf16) through a kept fp32 slab: a mixed-dtype add_ widens x into a fresh
+    temporary its size (a (V, d) fp32 array per call, paid in page faults)."""
+    slab = _held("slab", rows * out.shape[1], out.dtype, out.device).view(rows, out.shape[1])
+    for r0 in range(0, out.shape[0], rows):
+        r1 = min(out.shape[0], r0 + rows)
+        out[r0:r1].add_(slab[:r1 - r0].copy_(x[r0:r1]))
+
+
+def _weight_slices(weight: Tensor, vocab_chunk: int, grads: bool, dtype: torch.dtype):
+    """(v0, rows in `dtype` or None) covering the vocabulary. A weight in `dtype` is used whole, in
+    place. Another dtype is converted once, whole, when gradients are formed (each token chunk reads it
+    twice, and the (V, d) fp32 weight gradient is there anyway), else `vocab_chunk` rows at a time
+    (None: convert weight[v0:v0 + vocab_chunk] where used), so evaluation makes no copy of the table."""
+    if weight.dtype == dtype:
         return [(0, weight)]
     if grads:
-        return [(0, weight.float())]
+        if dtype == torch.float32:
+            return [(0, weight.float())]
+        held = _held("weight", weight.numel(), dtype, weight.device).view(weight.shape)
+        return [(0, held.copy_(weight))]
     return [(v0, None) for v0 in range(0, weight.shape[0], vocab_chunk)]
+
+
+def _mm_into(a: Tensor, b: Tensor, out: Tensor, scratch: Tensor | None, accumulate: bool = False) -> None:
+    """out (fp32) = a @ b, or out += a @ b. fp32 operands multiply straight into out; bf16 ones into
+    `scratch` (a bf16 buffer of at least out's size) and are widened into out."""
+    if scratch is None:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    tmp = scratch[:out.numel()].view(out.shape)
+    torch.mm(a, b, out=tmp)
+    if accumulate:
+        out.add_(tmp)
+    else:
+        out.copy_(tmp)
 
 
 def _walk(hidden: Tensor, weight: Tensor, rows: Tensor, rule: Rule, plan: Plan, upstream: Upstream | None,
@@ -196,23 +283,34 @@ def _walk(hidden: Tensor, weight: Tensor, rows: Tensor, rule: Rule, plan: Plan, 
     dev = hidden.device
     grads = upstream is not None and (need_h or need_w)
     keep_tanh = grads and plan.softcap is not None
-    per_row = 4 * V * (plan.buffers + keep_tanh)
+    low = plan.products != torch.float32
+    per_row = 4 * V * (plan.buffers + keep_tanh) + 2 * V * low  # + the bf16 logits / gradient chunk
     tc = max(1, min(plan.token_chunk, max(n, 1), plan.logits_budget // per_row))
+    tc = -(-n // -(-n // tc)) if n else tc  # equal chunks: 512 tokens as 171 + 171 + 170, not 170 x 3 + 2
     buf = _workspace(tc * V, hidden)
     buf2 = _workspace(tc * V, hidden) if keep_tanh else None
-    slices = _weight_slices(weight, plan.vocab_chunk, grads)
+    # bf16 products: the (t, V) bf16 logits (then gradient) chunk and the (V, d) bf16 weight gradient
+    scratch = _held("logits", tc * V, plan.products, dev) if low else None
+    wscratch = (_held("weight_grad", V * d, plan.products, dev).view(V, d) if low and grads and need_w
+                else None)
+    slices = _weight_slices(weight, plan.vocab_chunk, grads, plan.products)
     grad_h = torch.zeros(n, d, dtype=torch.float32, device=dev) if grads and need_h else None
     grad_w = torch.zeros(V, d, dtype=torch.float32, device=dev) if grads and need_w else None
     outs: list[list[Tensor]] = []
     for n0 in range(0, n, tc):
         sl = slice(n0, n0 + tc)
-        h = hidden.index_select(0, rows[sl]).float()  # (t, d)
+        h = hidden.index_select(0, rows[sl]).to(plan.products)  # (t, d)
         t = h.shape[0]
         z = buf[:t * V].view(t, V)  # contiguous, so matmul can write into it
         for v0, w in slices:
             if w is None:
-                w = weight[v0:v0 + plan.vocab_chunk].float()
-            torch.mm(h, w.t(), out=z[:, v0:v0 + w.shape[0]])
+                w = weight[v0:v0 + plan.vocab_chunk].to(plan.products)
+            if low and w.shape[0] != V:  # a column block: multiply into a contiguous scratch first
+                zb = scratch[:t * w.shape[0]].view(t, w.shape[0])
+                torch.mm(h, w.t(), out=zb)
+                z[:, v0:v0 + w.shape[0]].copy_(zb)
+            else:
+                _mm_into(h, w.t(), z[:, v0:v0 + w.shape[0]], scratch)
         th = None
         if plan.softcap is not None:  # Gemma 2's final logit soft-capping cap * tanh(z / cap)
             if keep_tanh:
@@ -229,17 +327,23 @@ def _walk(hidden: Tensor, weight: Tensor, rows: Tensor, rule: Rule, plan: Plan, 
             continue
         if th is not None:
             g.mul_(th.square_().neg_().add_(1.0))  # d cap * tanh(z / cap) / dz = 1 - tanh^2, once
+        if low:  # the gradient chunk in bf16, once, for both products (the logits' scratch is free now)
+            g = scratch[:g.numel()].view(g.shape).copy_(g)
+            gscratch = torch.empty(t * d, dtype=plan.products, device=dev)
+        else:
+            gscratch = None
         for v0, w in slices:
             gs = g[:, v0:v0 + (V if w is not None else plan.vocab_chunk)]
             if need_h:
                 if w is None:
-                    w = weight[v0:v0 + plan.vocab_chunk].float()
-                if v0 == 0:
-                    torch.mm(gs, w, out=grad_h[sl])
-                else:
-                    grad_h[sl].addmm_(gs, w)
+                    w = weight[v0:v0 + plan.vocab_chunk].to(plan.products)
+                _mm_into(gs, w, grad_h[sl], gscratch, accumulate=v0 != 0)
             if need_w:
-                grad_w[v0:v0 + gs.shape[1]].addmm_(gs.t(), h)
+                gw = grad_w[v0:v0 + gs.shape[1]]
+                if low:  # summed over token chunks in fp32
+                    _add_widened(gw, torch.mm(gs.t(), h, out=wscratch[:gs.shape[1]]))
+                else:
+                    gw.addmm_(gs.t(), h)
     if outs:
         values = tuple(torch.cat(col) for col in zip(*outs))
     else:
@@ -265,18 +369,21 @@ class _FusedSum(torch.autograd.Function):
     def forward(ctx, hidden, weight, rows, rule, plan):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         (loss,), grad_h, grad_w = _walk(hidden, weight, rows, rule, plan, (1.0,), need_h, need_w)
-        ctx.save_for_backward(rows, grad_h, grad_w)
+        # Held as attributes, not saved tensors: backward hands them out as its only references, so
+        # autograd adopts the (V, d) weight gradient as .grad (or adds a sparse embedding gradient
+        # into it) in place; a saved tensor is still referenced then, and would be cloned (670 MB for
+        # Gemma's table, ~0.4 s of page faults per step, measured).
+        ctx.rows, ctx.grads = rows, [grad_h, grad_w]
         ctx.meta = (hidden.shape, (hidden.dtype, weight.dtype))
-        ctx.used = False
         return loss.sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.used:  # the stored gradients were scaled in place by the first backward
+        if ctx.grads is None:  # the stored gradients were handed out by the first backward
             raise RuntimeError("this chunked loss was already backpropagated once (retain_graph is not "
                                "supported): compute the loss again")
-        ctx.used = True
-        rows, grad_h, grad_w = ctx.saved_tensors
+        (grad_h, grad_w), rows = ctx.grads, ctx.rows
+        ctx.grads = None
         scale = grad_out.float()
         grad_h = grad_h.mul_(scale) if grad_h is not None else None  # in place: no second (V, d) copy
         grad_w = grad_w.mul_(scale) if grad_w is not None else None
@@ -319,7 +426,7 @@ def vocab_sum(hidden: Tensor, weight: Tensor, rows: Tensor, rule: Rule, *, softc
               logits_budget: int = DEFAULT_BUDGET) -> Tensor:
     """sum over `rows` of the rule's single per-token loss: an fp32 scalar, differentiable in hidden
     (N, d) and weight (V, d). With a gradient to compute, forward computes it as well."""
-    plan = Plan(softcap, buffers, token_chunk, vocab_chunk, logits_budget)
+    plan = Plan(softcap, buffers, token_chunk, vocab_chunk, logits_budget, current_products())
     if _needs_grad(hidden, weight):
         return _FusedSum.apply(hidden, weight, rows, rule, plan)
     return _walk(hidden, weight, rows, rule, plan, None)[0][0].sum()
@@ -330,7 +437,7 @@ def vocab_map(hidden: Tensor, weight: Tensor, rows: Tensor, rule: Rule, *, n_out
               vocab_chunk: int = 32768, logits_budget: int = DEFAULT_BUDGET) -> tuple[Tensor, ...]:
     """The rule's n_out per-token outputs, each (n,) over `rows`, differentiable with any upstream
     gradient (backward recomputes the logits); without gradients, a single forward walk."""
-    plan = Plan(softcap, buffers, token_chunk, vocab_chunk, logits_budget)
+    plan = Plan(softcap, buffers, token_chunk, vocab_chunk, logits_budget, current_products())
     if _needs_grad(hidden, weight):
         return _Recompute.apply(hidden, weight, rows, rule, plan, n_out)
     return _walk(hidden, weight, rows, rule, plan, None, n_out=n_out)[0]
