@@ -224,3 +224,53 @@ def test_cancel_and_errors_free_rows(tiny):
         gen.admit(PROMPTS[0])
     with pytest.raises(ValueError, match="n must be"):
         gen.admit(PROMPTS[0], n=5)
+
+
+def test_long_prefill_dequantizes_each_weight_once(tiny_q8, monkeypatch):
+    """Chunked prefill of a quantized model: inside prefill() every QuantLinear dequantizes once for
+    all chunks (bulk_weights), with the same logits as dequantizing per chunk."""
+    from gemmalab.generate import prefill
+    from gemmalab.quant import linear
+
+    calls = []
+    original = linear.QuantLinear.dequantized
+    monkeypatch.setattr(linear.QuantLinear, "dequantized", lambda self: calls.append(self) or original(self))
+    ids = torch.randint(0, tiny_q8.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(100)[None]
+
+    def run(budget):
+        monkeypatch.setattr(linear, "BULK_CACHE_BYTES", budget)
+        calls.clear()
+        out = prefill(tiny_q8, tiny_q8.make_cache(1, 101), ids, pos, chunk_size=40)  # chunks of 40, 40, 20
+        return out, list(calls)
+
+    cached, once = run(1 << 30)
+    uncached, every = run(0)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+    n_linear = sum(isinstance(m, linear.QuantLinear) for m in tiny_q8.layers.modules())
+    assert len(once) == len(set(once)) == n_linear  # the three chunks shared one dequantization each
+    assert len(every) == 2 * n_linear  # once per chunk of > 32 rows (the last, 20 rows, runs the integer kernels)
+
+
+def test_quantized_prefill_attention_runs_in_the_bulk_dtype(tiny_q8, monkeypatch):
+    """Prefill attention of a quantized model follows the many-row products' dtype (bf16 where the
+    CPU has it, GEMMALAB_CPU_BF16 overrides): close to fp32, not equal; decode rows stay fp32."""
+    from gemmalab.generate import prefill
+    from gemmalab.model.text import Attention
+
+    attn = [m for m in tiny_q8.modules() if isinstance(m, Attention)]
+    assert attn and all(m.bulk_rows == 32 for m in attn)
+    seen = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, _f=torch.nn.functional.scaled_dot_product_attention, **k:
+                        seen.append(q.dtype) or _f(q, *a, **k))
+    ids = torch.randint(0, tiny_q8.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("GEMMALAB_CPU_BF16", flag)
+        seen.clear()
+        out[flag] = torch.log_softmax(prefill(tiny_q8, tiny_q8.make_cache(1, 65), ids, torch.arange(64)[None]), -1)
+        assert set(seen) == {torch.float32 if flag == "0" else torch.bfloat16}
+    assert not torch.equal(out["0"], out["1"])
+    kl = (out["0"].exp() * (out["0"] - out["1"])).sum(-1).item()
+    assert 0 <= kl < 0.02, kl

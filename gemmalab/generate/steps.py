@@ -9,6 +9,8 @@ samples per prompt, per-row seeds and log-probs are the batch decoder's (generat
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -81,12 +83,17 @@ def prefill(model: Gemma3, cache: KVCache, ids: torch.Tensor, positions: torch.T
     inputs_embeds (B, T, d) and image_groups (B, T), for prompts with images, go to the model with
     the ids (see model/multimodal.py); chunks then never split an image.
     """
+    from ..quant.linear import bulk_weights
+
     logits = None
-    for s, e in chunk_bounds(ids.shape[1], chunk_size, image_groups):
-        extra = {}
-        if inputs_embeds is not None:
-            extra = dict(inputs_embeds=inputs_embeds[:, s:e], image_groups=image_groups[:, s:e])
-        logits = model(ids[:, s:e], positions[:, s:e], cache, last_only=True, **extra)
+    bounds = list(chunk_bounds(ids.shape[1], chunk_size, image_groups))
+    # several chunks: a quantized model dequantizes each weight once for all of them
+    with bulk_weights() if len(bounds) > 1 else contextlib.nullcontext():
+        for s, e in bounds:
+            extra = {}
+            if inputs_embeds is not None:
+                extra = dict(inputs_embeds=inputs_embeds[:, s:e], image_groups=image_groups[:, s:e])
+            logits = model(ids[:, s:e], positions[:, s:e], cache, last_only=True, **extra)
     return logits[:, -1]
 
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from ..config import Gemma3Config
 from ..model import Gemma3
-from .linear import (KERNEL_TYPES, Q5_0, Q8_0, FusedDecoder, QuantEmbedding, QuantLinear,
-                     prepare_blocks, quantize_q8_0)
+from ..model.text import Attention
+from .linear import (GEMV_MAX_ROWS, KERNEL_TYPES, Q5_0, Q8_0, FusedDecoder, QuantEmbedding, QuantLinear,
+                     prefill_dtype, prepare_blocks, quantize_q8_0)
 
 MODES = ("fp32", "native", "q8")
 QUANTIZED_MODES = ("native", "q8")
@@ -295,6 +296,9 @@ def build_quantized(config: Gemma3Config, blocks: dict[str, tuple[torch.Tensor, 
                                       blocks, floats)
                 setattr(module, child_name, QuantEmbedding(child.num_embeddings, child.embedding_dim,
                                                            qtype, b))
+    for module in model.modules():  # prefill attention in the many-row products' dtype
+        if isinstance(module, Attention):
+            module.bulk_rows, module.bulk_dtype = GEMV_MAX_ROWS, prefill_dtype
     # what is left are the norms (fp32 parameters)
     expected = {k for k, _ in model.named_parameters()}
     missing = sorted(expected - set(floats))
