@@ -161,6 +161,14 @@ void rows_amx(const Mat& m, int64_t n0, int64_t n1, const Act& a, int64_t M) {
     const int32_t* ns16 = a.ns16 + r0 * nb;
     for (int64_t n = n0; n < n1; n += 16) {
       const uint8_t* w = m.w + n * rb;
+      // The next group's 16 rows (contiguous, 16 x row bytes) into L1 while this one computes:
+      // one row of the LM head (178 MB of Q8_0) went from 10.3-11.5 ms to 8.6-9.3 ms on the
+      // Sapphire Rapids Xeon (2 threads), where the hardware prefetcher alone reached 16 GB/s of
+      // the 26 GB/s the two cores stream; two groups ahead or into L2 measured worse.
+      if (n + 16 < n1) {
+        const char* p = reinterpret_cast<const char*>(w + 16 * rb);
+        for (int64_t o = 0; o < 16 * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      }
       if (n + 16 > m.N) {  // tile loads of 16 rows would read past the weights
         pad.assign(16 * rb, 0);
         std::memcpy(pad.data(), w, (m.N - n) * rb);
