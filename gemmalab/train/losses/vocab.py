@@ -260,7 +260,8 @@ def _weight_slices(weight: Tensor, vocab_chunk: int, grads: bool, dtype: torch.d
 
 def _mm_into(a: Tensor, b: Tensor, out: Tensor, scratch: Tensor | None, accumulate: bool = False) -> None:
     """out (fp32) = a @ b, or out += a @ b. fp32 operands multiply straight into out; bf16 ones into
-    `scratch` (a bf16 buffer of at least out's size) and are widened into out."""
+    `scratch` (a bf16 buffer of at least out's size, contiguous whatever out's strides) and are
+    widened into out."""
     if scratch is None:
         if accumulate:
             out.addmm_(a, b)
@@ -305,12 +306,7 @@ def _walk(hidden: Tensor, weight: Tensor, rows: Tensor, rule: Rule, plan: Plan, 
         for v0, w in slices:
             if w is None:
                 w = weight[v0:v0 + plan.vocab_chunk].to(plan.products)
-            if low and w.shape[0] != V:  # a column block: multiply into a contiguous scratch first
-                zb = scratch[:t * w.shape[0]].view(t, w.shape[0])
-                torch.mm(h, w.t(), out=zb)
-                z[:, v0:v0 + w.shape[0]].copy_(zb)
-            else:
-                _mm_into(h, w.t(), z[:, v0:v0 + w.shape[0]], scratch)
+            _mm_into(h, w.t(), z[:, v0:v0 + w.shape[0]], scratch)
         th = None
         if plan.softcap is not None:  # Gemma 2's final logit soft-capping cap * tanh(z / cap)
             if keep_tanh:
