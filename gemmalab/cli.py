@@ -19,6 +19,8 @@ gemmalab eval long-context      NLL by position + window baseline, passkey, RULE
 gemmalab eval humaneval         HumanEval pass@k, every program in the sandbox
 gemmalab eval harness --tasks T lm-evaluation-harness with gemmalab as the model
 gemmalab sandbox doctor|run F   what the code sandbox can do here; run one untrusted program
+gemmalab merge average RUN... -o OUT   WARM: weight-average reward models (LoRA on its updates) or runs
+gemmalab reward score RM FILE   a reward model's accuracy on pairs, or scores of completions
 
 Errors a user can cause (wrong path, corrupt file, prompt too long, bad flag values) print one line
 `gemmalab: error: ...` and exit with status 2 (usage) or 1 (everything else), never a traceback.
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import sandbox
     sandbox.add_cli(sub)
+    from .train import merge_cli
+    merge_cli.add_cli(sub)
 
     pl = sub.add_parser("plot", help="write PNG curves of a training run")
     pl.add_argument("run_dir")
@@ -612,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
                "plot": cmd_plot, "export": cmd_export, "serve": cmd_serve,
                "distill": cmd_distill, "eval": lambda a: a.func(a),
-               "sandbox": lambda a: a.func(a)}[args.command]
+               "sandbox": lambda a: a.func(a), "merge": lambda a: a.func(a),
+               "reward": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
     except (CheckpointError, ValueError, OSError, KernelsUnavailable, ImportError) as e:

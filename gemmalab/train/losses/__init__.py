@@ -22,6 +22,7 @@ from .divergences import (JSD_SCALES, forward_kl_loss, generalized_jsd, naive_ge
 from .fy import f_softargmax, fy_kd_loss, fy_loss, naive_f_softargmax, naive_fy_loss
 from .kd import (NORMALIZERS, WEIGHTINGS, full_kd_loss, kd_metrics, naive_full_kd_loss,
                  naive_sparse_kd_loss, sparse_kd_loss, sparse_target_weights)
+from .reward import bt_loss, expected_calibration_error, preference_metrics
 from .vocab import as_teacher_fn, vocab_map, vocab_sum
 
 __all__ = ["chunked_cross_entropy", "naive_cross_entropy", "token_logprobs", "score_logprobs",

@@ -98,3 +98,11 @@ register(Recipe(
     config=".gkd:GKDConfig", run=".gkd:train_gkd", check=".gkd:check_gkd_config",
     summary=lambda last, cfg: f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in "
                               f"{cfg.run.out_dir}"))
+register(Recipe(
+    "rm", "a Bradley-Terry reward model (scalar head on a Gemma 3 backbone; LoRA or top blocks); WARM "
+          "members are runs of it merged with `gemmalab merge average`",
+    _OVERRIDES + "optim.lr=4e-5 run.seed=1. Score with `gemmalab reward score RUN_DIR PAIRS.jsonl`.",
+    config=".rm:RMConfig", run=".rm:train_rm", check=".rm:check_rm_config",
+    summary=lambda last, cfg: f"step {last['step']}: loss {last['loss']:.4f}"
+                              + "".join(f", {k} {last[k]:.4f}" for k in ("eval_accuracy", "eval_ece") if k in last)
+                              + f"; checkpoints in {cfg.run.out_dir}"))
