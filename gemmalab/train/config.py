@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 
+class Tables(list):
+    """A config field holding a list of tables (TOML `[[section.key]]`, a YAML / JSON list of
+    mappings), e.g. the reward terms of `gemmalab train rl`; the recipe checks each table's keys."""
+
+
 class ConfigError(ValueError):
     """A training config that cannot be used as written."""
 
@@ -337,6 +342,8 @@ def _coerce(default: Any, value: Any) -> Any:
     """A checked value in the field's own type: tuples stay tuples, 16.0 for an int field is 16."""
     if isinstance(default, tuple) and value is not None:
         return tuple(value)
+    if isinstance(default, Tables):
+        return Tables(dict(v) for v in value)
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
         return int(value)
     return value
@@ -360,6 +367,10 @@ def _check_type(name: str, default: Any, value: Any) -> None:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
         if not ok:
             raise ConfigError(f"{name} must be a list of {len(default)} numbers, got {_short(value)}")
+    elif isinstance(default, Tables):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value)
+        if not ok:
+            raise ConfigError(f"{name} must be a list of tables ([[{name}]] in TOML), got {_short(value)}")
     elif isinstance(default, list):  # data.train, lora.targets, qat.modules: names
         ok = isinstance(value, (list, tuple))
         if ok and not all(isinstance(v, (str, os.PathLike)) for v in value):

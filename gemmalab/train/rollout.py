@@ -42,6 +42,7 @@ class Rollouts:
     sampler_logprobs: Tensor  # (P*N, T) fp32, at the target positions (0 elsewhere)
     finish_reasons: list[str]
     completion_lens: Tensor  # (P*N,) sampled tokens per row (the stop token included)
+    texts: list[str] | None = None  # with a tokenizer: each completion's text, stop strings cut
 
     @property
     def mask(self) -> Tensor:
@@ -51,15 +52,18 @@ class Rollouts:
 @torch.no_grad()
 def rollout(sampler, prompts: list[list[int]], *, n: int, max_new_tokens: int, params: SamplingParams,
             stop_ids=(), seed: int | None, seq_len: int, pad_id: int = 0,
-            max_batch: int | None = None) -> Rollouts:
+            max_batch: int | None = None, tokenizer=None, stop=(), exact: bool = True) -> Rollouts:
     """Sample n continuations of every prompt from `sampler` (prompt j, choice i seeded seed + j*n + i,
     so a row does not depend on what shares its batch) and lay them out as training rows of seq_len
-    tokens (prompt + completion, cut to seq_len; targets on the completion only)."""
+    tokens (prompt + completion, cut to seq_len; targets on the completion only). With a tokenizer,
+    `stop` strings end a completion too (the token completing one is kept, its text cut) and the
+    texts come back in `texts`; exact=False decodes the fp32 rows in one batched forward."""
     was_training = sampler.training
     sampler.eval()
     try:
         samples = sample_batch(sampler, prompts, n=n, max_new_tokens=max_new_tokens, params=params,
-                               stop_ids=stop_ids, seed=seed, max_batch=max_batch)
+                               stop_ids=stop_ids, seed=seed, max_batch=max_batch, tokenizer=tokenizer,
+                               stop=tuple(stop), exact=exact)
     finally:
         sampler.train(was_training)
     rows, lps, group, reasons, lens = [], [], [], [], []
@@ -76,7 +80,8 @@ def rollout(sampler, prompts: list[list[int]], *, n: int, max_new_tokens: int, p
         reasons.append(s.finish_reason)
         lens.append(kept)
     stacked = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    return Rollouts(stacked, torch.tensor(group), torch.stack(lps), reasons, torch.tensor(lens))
+    return Rollouts(stacked, torch.tensor(group), torch.stack(lps), reasons, torch.tensor(lens),
+                    [s.text for s in samples] if tokenizer is not None else None)
 
 
 def learner_logprobs(model, rows: dict[str, Tensor]) -> Tensor:

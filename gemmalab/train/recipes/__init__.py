@@ -106,3 +106,10 @@ register(Recipe(
     summary=lambda last, cfg: f"step {last['step']}: loss {last['loss']:.4f}"
                               + "".join(f", {k} {last[k]:.4f}" for k in ("eval_accuracy", "eval_ece") if k in last)
                               + f"; checkpoints in {cfg.run.out_dir}"))
+register(Recipe(
+    "rl", "policy-gradient RL on verifiable rewards and reward models (RLOO, REINFORCE) with a KL to the "
+          "reference",
+    _OVERRIDES + "algo.name=rloo algo.beta=0.05 rollout.num_generations=4 run.steps=60.",
+    config=".rl:RLConfig", run=".rl:train_rl", check=".rl:check_rl_config",
+    summary=lambda last, cfg: f"step {last['step']}: reward {last.get('reward', float('nan')):.4f}, kl "
+                              f"{last.get('kl', float('nan')):.4f}; checkpoints in {cfg.run.out_dir}"))
