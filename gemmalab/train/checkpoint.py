@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -98,6 +99,33 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_dir_atomic(directory: Path, files: dict[str, bytes | Callable[[Path], None]]) -> Path:
+    """Write a directory of files atomically: each file into a temporary sibling (bytes, or a
+    function writing the path it is given), fsynced, then renamed into place (an existing directory
+    is moved aside first), so a reader never sees half of it. Reward models and merges use this."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, content in files.items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if directory.exists():
+            _remove_dir(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(directory.parent)
+    return directory
 
 
 class _Sink:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -163,20 +161,11 @@ def average_checkpoints(paths, out: str | Path, weights=None) -> dict:
     else:
         result = average(tensors, c, bases=bases, names=names)
     info["tensors"] = len(result)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp / "model.safetensors"))
-        (tmp / "merge.json").write_text(json.dumps(info, indent=2))
-        if out.exists():
-            from .checkpoint import _remove_dir
-            _remove_dir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from .checkpoint import write_dir_atomic
+
+    tensors_out = {k: v.contiguous() for k, v in result.items()}
+    write_dir_atomic(Path(out), {"model.safetensors": lambda path: save_file(tensors_out, str(path)),
+                                 "merge.json": json.dumps(info, indent=2).encode()})
     return info
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple, Sequence
@@ -202,33 +200,16 @@ def score_sequences(model: RewardModel, seqs: Sequence[Sequence[int]], pad_id: i
 # Files
 
 def write_reward_model(directory: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write an RM directory atomically: a temporary sibling, fsync, then renamed into place (an
-    existing one is moved aside first), so a reader never sees half a reward model."""
+    """Write an RM directory atomically (train.checkpoint.write_dir_atomic): a reader never sees
+    half a reward model."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import _fsync_dir, _remove_dir
+    from ..checkpoint import write_dir_atomic
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-        with open(tmp / META, "w") as f:
-            f.write(json.dumps(meta, indent=2, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / TENSORS, "rb") as f:
-            os.fsync(f.fileno())
-        if directory.exists():
-            _remove_dir(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(directory.parent)
-    return directory
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_dir_atomic(Path(directory), {
+        TENSORS: lambda path: save_file(cpu, str(path)),
+        META: json.dumps(meta, indent=2, sort_keys=True).encode()})
 
 
 def save_reward_model(directory: str | Path, model: RewardModel, meta: dict) -> Path:
