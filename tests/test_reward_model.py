@@ -309,3 +309,23 @@ def test_cli_train_rm_then_reward_score(run_a, root, tmp_path, capsys):
 
     assert main(["reward", "score", str(tmp_path / "nowhere"), str(comp)]) == 1
     assert "no such reward model" in capsys.readouterr().err
+
+
+def test_truncation_keeps_the_turn_markers_and_the_scored_token(root):
+    """A row longer than seq_len loses the start of the prompt's text, never <bos>, the chat turn
+    markers or the completion's last token (what the head reads)."""
+    from gemmalab.tokenizer import Tokenizer
+    from gemmalab.train.rewards.model import encode
+
+    tok = Tokenizer.from_gguf(root / "tok.gguf")
+    prompt, answer = "a long prompt " * 5, "ok answer"
+    full = encode(tok, prompt, answer, "chat", 1000)
+    for n in (len(full) - 5, 20):
+        ids = encode(tok, prompt, answer, "chat", n)
+        text = tok.decode(ids)
+        assert len(ids) == n and ids[-1] == full[-1]
+        assert text.startswith("<bos><start_of_turn>user\n")
+        assert text.endswith("<end_of_turn>\n<start_of_turn>model\nok answer<end_of_turn>")
+    ids = encode(tok, prompt, answer, "chat", 12)  # the completion alone does not fit: its start goes
+    assert len(ids) == 12 and tok.decode(ids).startswith("<bos><start_of_turn>user\n<end_of_turn>")
+    assert ids[-1] == full[-1]

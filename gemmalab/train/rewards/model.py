@@ -141,8 +141,10 @@ def encode(tokenizer, prompt: str, completion: str, template: str, seq_len: int)
     prompt + completion of `train.data.split_prompt` (what the policy's sampler produces after
     `encode_chat(..., add_generation_prompt=True)`); "text": `<bos> prompt+completion <eos>` as
     `train.data.tokenize_record` encodes plain text (the strings are joined as given).
-    Longer than seq_len: the start of the prompt is cut (after <bos>), so the completion and the
-    scored last token are kept. Raises train.data.DataError for text the tokenizer cannot take.
+    Longer than seq_len: the start of the prompt's text is cut, keeping <bos> and (chat) the turn
+    markers around it, so the row stays a well-formed chat and the completion and the scored last
+    token are kept; only a completion that alone does not fit loses its own start. Raises
+    train.data.DataError for text the tokenizer cannot take.
     """
     from ..data import _check_record, split_prompt, tokenize_record
 
@@ -153,6 +155,22 @@ def encode(tokenizer, prompt: str, completion: str, template: str, seq_len: int)
                                              {"role": "model", "content": completion}]})
         p, c = split_prompt(record, tokenizer)
         ids = p + c
+        if len(ids) > seq_len:  # the turn markers: what p shares with the prompt of an empty text
+            empty, _ = split_prompt(_check_record({"messages": [{"role": "user", "content": ""},
+                                                                {"role": "model", "content": completion}]}),
+                                    tokenizer)
+            head = next((i for i, (a, b) in enumerate(zip(p, empty)) if a != b), min(len(p), len(empty)))
+            tail = next((i for i, (a, b) in enumerate(zip(reversed(p), reversed(empty))) if a != b),
+                        min(len(p), len(empty)))
+            tail = min(tail, len(p) - head, len(empty) - head)
+            room = seq_len - head - tail - len(c)
+            if room >= 0:
+                return p[:head] + p[head:len(p) - tail][len(p) - tail - head - room:] + p[len(p) - tail:] + c
+            keep = seq_len - head - tail  # the completion alone is too long: its start goes
+            if keep > 0:
+                return p[:head] + p[len(p) - tail:] + c[len(c) - keep:]
+            ids = p[:head] + p[len(p) - tail:] + c
+            return ids[:1] + ids[len(ids) - (seq_len - 1):]
     elif template == "text":
         ids, _ = tokenize_record(_check_record({"text": prompt + completion}), tokenizer)
     else:
