@@ -4,7 +4,7 @@ Gemma 3 from gemmalab.model, fine-tuned in full on CPU.
     nice -n 10 python bench/warm_experiment.py             # 3 seeds, ~6-8 min on 2 shared cores
     python bench/warm_experiment.py --quick                # the same pipeline in ~2 minutes
 
-Claims (Rame et al. 2024, "WARM", arXiv 2401.12187; spec/post_training.md A.2, plan section 3.2),
+Claims (Rame et al. 2024, "WARM", arXiv 2401.12187),
 stated in the doc before the results. With 25% of the training labels flipped:
   (i)   the uniform weight average (WA) of M reward models fine-tuned from one shared init is at
         least as accurate out of distribution as the best single member (chosen on ID validation)
@@ -474,7 +474,7 @@ def render(res: dict, args) -> str:
         "## WARM on a toy task (S1): weight averaging vs ensembling under 25% label noise",
         "",
         f"`nice -n 10 python bench/warm_experiment.py{' --quick' if args.quick else ''}`; raw numbers in "
-        "`docs/warm_experiment.json`. Rame et al. 2024 (arXiv 2401.12187); spec/post_training.md A.2.",
+        "`docs/warm_experiment.json`. Rame et al. 2024 (arXiv 2401.12187).",
         "",
         "### Claims, stated before running",
         "",
