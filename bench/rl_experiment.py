@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "rl-experiment")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--eval-latest", action="store_true",
+                    help="do not train: evaluate the latest checkpoint of an interrupted run (the report "
+                         "says at which step of --steps it stopped)")
     args = ap.parse_args()
 
     from gemmalab import cpu
@@ -126,16 +129,20 @@ def main() -> int:
         before_path.write_text(json.dumps(before))
     before = json.loads(before_path.read_text())
     t_train = time.time()
-    last = train_rl(cfg, resume=True, progress=True)
+    last = None if args.eval_latest else train_rl(cfg, resume=True, progress=True)
     train_s = time.time() - t_train
     ckdir = Path(cfg.run.out_dir) / "checkpoints"
     adapter = ckdir / (ckdir / "latest").read_text().strip() / "model.safetensors"
     print("evaluating the trained adapter ...", file=sys.stderr, flush=True)
     after = {name: evaluate(cfg, ps, adapter) for name, ps in sets.items()}
     rows = [json.loads(x) for x in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    step = int((ckdir / "latest").read_text().strip().split("-")[1])
+    rows = [r for r in rows if r["step"] <= step]  # the evaluated adapter's steps
+    if args.eval_latest:
+        train_s = sum(r["step_seconds"] for r in rows if "step_seconds" in r) or float("nan")
     results = {"claim": "RLOO raises the 270M's greedy pass rate on new problems of the training templates",
                "config": config(args), "machine": cpu.describe(), "git": os.popen("git rev-parse HEAD").read().strip(),
-               "train_seconds": train_s, "total_seconds": time.time() - t_start,
+               "train_seconds": train_s, "total_seconds": time.time() - t_start, "steps_done": step,
                "curve": [{k: r.get(k) for k in ("step", "reward", "kl", "loss", "sampler_kl", "completion_len")}
                          for r in rows], "sets": {}}
     for name in sets:
@@ -162,11 +169,12 @@ def write_docs(args, r: dict, last: dict) -> None:
     m = r["machine"]
     lines = [BEGIN, "## RLOO on the real 270M: function-writing tasks (bench/rl_experiment.py)", "",
              f"Claim before the run: {r['claim']}. Setup: LoRA r=16, {args.prompts} prompts x {args.gens} samples "
-             f"per step, {args.steps} steps, beta={args.beta} (k1 in the reward), lr {args.lr}, 2-shot prompts, "
+             f"per step, {r['steps_done']} steps (of a {args.steps}-step cosine schedule), beta={args.beta} (k1 in the reward), lr {args.lr}, 2-shot prompts, "
              f"48 new tokens, samples from the native-quantized base + the fp32 LoRA path, greedy evaluation on "
              f"{args.eval} problems per set scored by their sandboxed unit tests. Machine: {m['cpu']} "
-             f"({m['id']}), kernels {m['kernels']}, load {m['load']}. Training took {r['train_seconds'] / 60:.1f} "
-             f"min. Commit {r['git'][:10]}.", "",
+             f"({m['id']}), kernels {m['kernels']}, load at the end {m['load']}. Wall time "
+             f"{r['total_seconds'] / 60:.0f} min in all (the machine was shared with other jobs). "
+             f"Commit {r['git'][:10]}.", "",
              "| evaluation set | pass rate before [95% CI] | after [95% CI] | change [paired 95% CI] | tests passed change |",
              "|---|---|---|---|---|"]
     for name, s in r["sets"].items():
